@@ -1,0 +1,1 @@
+"""Built-in CLI commands, one module per command family, loaded on demand."""

@@ -1,0 +1,60 @@
+"""``milbench list`` and ``milbench plugins``: what is installed and where data is."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("list")
+@click.option("--data-root", default=None, help="also show where datasets would be read from this root")
+def list_cmd(data_root):
+    """Methods (supervision, keys and defaults) and datasets (sizes, where their data is)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from milbench.plugins import get_registry
+
+    reg = get_registry()
+    console = Console()
+    t = Table(title="methods")
+    for col in ("name", "supervision", "plugin", "description", "keys (default)", "presets"):
+        t.add_column(col)
+    for name in sorted(reg.methods):
+        m = reg.methods[name]
+        keys = ", ".join(f"{k}={p.default}" for k, p in m.params.items())
+        t.add_row(name, m.supervision, reg.owners[("method", name)], m.description, keys, ", ".join(m.presets) or "—")
+    console.print(t)
+    t = Table(title="datasets")
+    for col in ("name", "plugin", "description", "defaults", "data"):
+        t.add_column(col)
+    for name in sorted(reg.datasets):
+        d = reg.datasets[name]
+        defaults = {k: p.default for k, p in d.params.items()}
+        size = ", ".join(f"{k}={defaults[k]}" for k in ("bag_size", "instance_size", "n_train_bags", "n_val_bags", "n_test_bags") if k in defaults)
+        try:
+            st = d.status(data_root)
+            where = f"{st.source}: {st.detail}" + (f" [{st.root}]" if st.root else "")
+        except Exception as exc:  # a dataset's status must not hide the others
+            where = f"status failed: {exc}"
+        t.add_row(name, reg.owners[("dataset", name)], d.description, size, where)
+    console.print(t)
+    for (kind, name), owners in sorted(reg.conflicts.items()):
+        console.print(f"[red]{kind} '{name}' is registered by plugins {' and '.join(owners)}: unusable until one is removed[/red]")
+
+
+@click.command("plugins")
+def plugins_cmd():
+    """Installed plugins: name, version, source, status and what they registered."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from milbench.plugins import get_registry
+
+    reg = get_registry(warn=False)
+    t = Table(title="plugins (entry-point group 'milbench')")
+    for col in ("name", "version", "source", "module", "status", "registered / error"):
+        t.add_column(col)
+    for p in reg.plugins:
+        status = {"ok": "[green]ok[/green]", "broken": "[red]broken[/red]", "conflict": "[yellow]conflict[/yellow]"}[p.status]
+        t.add_row(p.name, p.version or "—", p.source, p.module, status, p.error or ", ".join(p.registered))
+    Console().print(t)

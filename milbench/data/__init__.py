@@ -1,0 +1,1 @@
+"""Shared data helpers for dataset plugins: data roots, bag sampling, file readers."""

@@ -1,0 +1,72 @@
+"""The machine and software that produced a record (asv-style provenance)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import milbench
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_environment() -> dict[str, Any]:
+    """Facts knowable without torch (filled in by the parent)."""
+    import psutil
+
+    return {
+        "milbench": milbench.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "memory_total_bytes": int(psutil.virtual_memory().total),
+    }
+
+
+def torch_environment(device: Any) -> dict[str, Any]:
+    """torch, CUDA, GPU name and driver (filled in by the child)."""
+    import torch
+
+    env: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                           "torch_threads": torch.get_num_threads(), "device": str(device),
+                           "gpu": None, "driver": None}
+    if getattr(device, "type", None) == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            drv = pynvml.nvmlSystemGetDriverVersion()
+            env["driver"] = drv.decode() if isinstance(drv, bytes) else drv
+        except Exception:
+            pass
+    return env
+
+
+def git_state() -> dict[str, Any]:
+    """Commit and dirtiness of the milbench source tree, or nulls when not a checkout."""
+    src = Path(milbench.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}

@@ -1,0 +1,155 @@
+"""Measuring a run from inside its child process: wall time per phase, peak
+GPU memory from NVML, torch's own CUDA peaks, and peak CPU RSS.
+
+NVML is the headline GPU figure because it sees everything the process holds
+on the device (CUDA context, cuDNN workspaces, the caching allocator's
+reserve), which is what decides whether a run fits. A sampler thread polls
+every ~10 ms the memory of *this* process (``nvmlDeviceGetComputeRunningProcesses``);
+where the pid is not visible (PID namespaces in containers) it falls back to
+device used-memory minus a baseline taken before the run, and records which
+method produced the number. Missing measurements are ``None``, never 0.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+
+class MemoryLimitExceeded(Exception):
+    """The child crossed ``--max-memory`` (CPU RSS watchdog)."""
+
+
+class ResourceSampler:
+    """Polls process RSS (psutil) and GPU memory (NVML) in a daemon thread.
+
+    ``limit_bytes`` arms a watchdog: when RSS crosses it, ``on_limit`` is
+    called once from the sampler thread (the child uses it to write an
+    ``oom`` result and exit, because a real out-of-memory kill leaves nothing).
+    """
+
+    def __init__(self, device_index: int | None = None, interval: float = 0.01,
+                 limit_bytes: int | None = None, on_limit: Callable[[int], None] | None = None):
+        import psutil
+
+        self.interval = interval
+        self.proc = psutil.Process(os.getpid())
+        self.rss_peak = self.proc.memory_info().rss
+        self.rss_baseline = self.rss_peak
+        self.gpu_peak: int | None = None
+        self.gpu_method: str | None = None
+        self.gpu_baseline: int | None = None
+        self.limit_bytes = limit_bytes
+        self.on_limit = on_limit
+        self._nvml_handle = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if device_index is not None:
+            self._init_nvml(device_index)
+
+    def _init_nvml(self, index: int) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible and visible.split(",")[index].strip().isdigit():
+                index = int(visible.split(",")[index])
+            self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.gpu_baseline = int(pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used)
+            self.gpu_peak = 0
+        except Exception:  # no driver, no NVML: GPU memory stays None
+            self._nvml_handle = None
+
+    def _gpu_now(self) -> int | None:
+        import pynvml
+
+        h = self._nvml_handle
+        try:
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+                if p.pid == os.getpid() and p.usedGpuMemory is not None:
+                    self.gpu_method = "nvml-process"
+                    return int(p.usedGpuMemory)
+            if self.gpu_method == "nvml-process":
+                return 0  # our pid was seen before: it simply holds nothing now
+            self.gpu_method = "nvml-device-delta"
+            return max(0, int(pynvml.nvmlDeviceGetMemoryInfo(h).used) - int(self.gpu_baseline or 0))
+        except Exception:
+            return None
+
+    def sample(self) -> None:
+        try:
+            rss = self.proc.memory_info().rss
+        except Exception:
+            return
+        if rss > self.rss_peak:
+            self.rss_peak = rss
+        if self.limit_bytes and rss > self.limit_bytes and self.on_limit:
+            cb, self.on_limit = self.on_limit, None
+            cb(rss)
+        if self._nvml_handle is not None:
+            g = self._gpu_now()
+            if g is not None and g > (self.gpu_peak or 0):
+                self.gpu_peak = g
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def start(self) -> "ResourceSampler":
+        self._thread = threading.Thread(target=self._loop, name="milbench-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=1)
+        self.sample()
+
+    def cpu_peak_rss(self) -> int:
+        """Peak RSS: the sampled peak, or the kernel's ``ru_maxrss`` if larger."""
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return max(self.rss_peak, maxrss)
+
+
+def torch_peaks(device: Any) -> dict[str, int | None]:
+    """torch's own CUDA allocator peaks for ``device`` (None on CPU)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return {"torch_peak_allocated_bytes": None, "torch_peak_reserved_bytes": None}
+    return {
+        "torch_peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+        "torch_peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+    }
+
+
+def synchronize(device: Any) -> None:
+    """Wait for queued CUDA work so a phase's wall time includes it."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Accumulates wall seconds per named phase, synchronising CUDA at edges."""
+
+    def __init__(self, device: Any = None):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0

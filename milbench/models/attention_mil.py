@@ -1,0 +1,47 @@
+"""Building the attention-MIL model shared by abmil, grad-accum and sampled.
+
+The three methods declare the same model keys (``ATTENTION_MIL_PARAMS``) and
+build the same :class:`~milbench.models.attention.AttentionMIL`, so a
+comparison between them is a comparison of gradient strategies only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from milbench.api import DataSpec, Param
+
+# Names only (this module is imported at plugin registration, without torch);
+# milbench.models.encoders checks that its registry matches.
+ENCODERS = ("lenet", "cnn", "resnet18")
+NORMS = ("none", "group", "frozen", "batch")
+
+ATTENTION_MIL_PARAMS: dict[str, Param] = {
+    "encoder": Param("auto", str, "instance encoder ('auto': lenet for 1 channel, cnn for 3)",
+                     choices=("auto",) + ENCODERS),
+    "feat_dim": Param(None, int, "encoder feature size (none: the encoder's default)", low=1, nullable=True),
+    "attn_dim": Param(128, int, "hidden size of the gated attention", low=1),
+    "norm": Param("group", str, "norm layers of the encoder (batch cannot be chunked exactly)", choices=NORMS),
+    "dropout": Param(0.0, float, "dropout on the attention hidden layer", low=0, high=1, high_open=True),
+}
+
+_FEAT_DEFAULT = {"lenet": 500, "cnn": 128, "resnet18": 2048}
+
+
+def encoder_name(config: Mapping[str, Any], spec: DataSpec) -> str:
+    """Resolve ``encoder='auto'`` from the data: LeNet for grey images, a small CNN otherwise."""
+    name = config["encoder"]
+    if name == "auto":
+        return "lenet" if spec.channels == 1 else "cnn"
+    return name
+
+
+def build_attention_mil(spec: DataSpec, config: Mapping[str, Any]):
+    """The ABMIL model for this data and config (random init, seeded by the harness)."""
+    from milbench.models.attention import AttentionMIL
+    from milbench.models.encoders import create_encoder
+
+    name = encoder_name(config, spec)
+    feat_dim = config["feat_dim"] or _FEAT_DEFAULT[name]
+    enc = create_encoder(name, spec.channels, spec.instance_size, feat_dim, config["norm"])
+    return AttentionMIL(enc, feat_dim, config["attn_dim"], config["dropout"])

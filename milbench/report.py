@@ -1,0 +1,199 @@
+"""Comparison tables from run records (pandas underneath).
+
+Rows are methods (with the preset and any config key that varies between runs
+of one method × dataset × preset, e.g. a swept ``bag_size``), columns are
+datasets × chosen metrics; each cell is mean ± std over the seeds of the ``ok``
+runs. Runs that failed, ran out of memory or timed out are counted in a
+``runs`` column and fill a cell's place when no run succeeded — never dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+from milbench.records import iter_records
+
+DEFAULT_METRICS = ("bag_auc", "bag_accuracy", "dice", "train_s_per_bag", "peak_mib")
+
+#: Derived columns: name -> (record path, scale, help)
+DERIVED = {
+    "train_s_per_bag": ("timing.train_s_per_bag", 1.0, "training seconds per bag (forward+backward+step)"),
+    "train_s": ("timing.train_s", 1.0, "training seconds, all epochs"),
+    "total_s": ("timing.total_s", 1.0, "child wall seconds"),
+    "wall_s": ("timing.wall_s", 1.0, "wall seconds including process start"),
+    "gpu_peak_mib": ("memory.gpu_peak_bytes", 2**-20, "NVML peak GPU memory of the run's process, MiB"),
+    "torch_peak_mib": ("memory.torch_peak_allocated_bytes", 2**-20, "torch peak allocated, MiB"),
+    "cpu_peak_rss_mib": ("memory.cpu_peak_rss_bytes", 2**-20, "peak resident CPU memory, MiB"),
+}
+
+
+def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = obj
+
+
+def load_frame(results: str, include_smoke: bool = False, records: Iterable[dict] | None = None) -> pd.DataFrame:
+    """One row per record, nested keys flattened (``metrics.bag_auc`` ...)."""
+    rows = []
+    for rec in records if records is not None else iter_records(results):
+        if rec.get("smoke") and not include_smoke:
+            continue
+        row: dict[str, Any] = {}
+        for key in ("run_id", "status", "method", "dataset", "preset", "seed", "smoke", "supervision",
+                    "config_hash", "error", "created"):
+            row[key] = rec.get(key)
+        for key in ("metrics", "timing", "memory", "config"):
+            _flatten(key, rec.get(key) or {}, row)
+        row["data.source"] = (rec.get("data") or {}).get("source") if isinstance(rec.get("data"), dict) else None
+        row["environment.gpu"] = (rec.get("environment") or {}).get("gpu")
+        row["environment.cpu"] = (rec.get("environment") or {}).get("cpu")
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    for name, (path, scale, _) in DERIVED.items():
+        df[name] = pd.to_numeric(df[path], errors="coerce") * scale if path in df else float("nan")
+    # the headline memory figure: NVML where measured, else CPU RSS
+    df["peak_mib"] = df["gpu_peak_mib"].where(df["gpu_peak_mib"].notna(), df["cpu_peak_rss_mib"])
+    df["peak_kind"] = ["gpu" if not pd.isna(g) else "cpu" for g in df["gpu_peak_mib"]]
+    return df
+
+
+def metric_column(df: pd.DataFrame, metric: str) -> str:
+    """The column of ``metric``: a derived name, ``metrics.<name>``, or a full path."""
+    for cand in (metric, f"metrics.{metric}"):
+        if cand in df.columns:
+            return cand
+    from milbench.errors import MilbenchError
+
+    known = sorted({c.split(".", 1)[1] for c in df.columns if c.startswith("metrics.")} | set(DERIVED) | {"peak_mib"})
+    raise MilbenchError(f"unknown metric '{metric}'; valid: {', '.join(known)}")
+
+
+def varying_keys(df: pd.DataFrame) -> list[str]:
+    """Config keys that differ between runs of one method × dataset × preset (swept parameters)."""
+    cfg = [c for c in df.columns if c.startswith("config.")]
+    out = []
+    for c in cfg:
+        per_group = df.groupby(["method", "dataset", "preset"], dropna=False)[c].nunique(dropna=False)
+        if (per_group > 1).any():
+            out.append(c)
+    return out
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    digits = 3 if abs(mean) < 10 else (1 if abs(mean) < 1000 else 0)
+    s = f"{mean:.{digits}f}"
+    if n > 1 and std is not None and not math.isnan(std):
+        s += f" ± {std:.{digits}f}"
+    return s
+
+
+def _status_text(statuses: Sequence[str]) -> str:
+    counts = pd.Series(list(statuses)).value_counts()
+    order = ["ok", "failed", "oom", "timeout", "interrupted"]
+    return ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
+
+
+def summarize(df: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> pd.DataFrame:
+    """Long table: one row per (row key, dataset, metric) with mean, std, n and run statuses."""
+    if df.empty:
+        return pd.DataFrame(columns=["row", "dataset", "metric", "mean", "std", "n", "runs", "cell"])
+    keys = varying_keys(df)
+    presets = df["preset"].nunique() > 1
+    out = []
+    group_cols = ["method", "preset", "dataset"] + keys
+    for gkey, g in df.groupby(group_cols, dropna=False, sort=True):
+        gd = dict(zip(group_cols, gkey))
+        label = gd["method"]
+        extras = ([str(gd["preset"])] if presets else []) + [
+            f"{k.split('.', 1)[1]}={gd[k]}" for k in keys if not pd.isna(gd[k])]
+        if extras:
+            label += " [" + ", ".join(extras) + "]"
+        ok = g[g["status"] == "ok"]
+        runs = _status_text(g["status"])
+        sources = sorted({s for s in g["data.source"].dropna()})
+        for m in metrics:
+            col = metric_column(df, m)
+            vals = pd.to_numeric(ok[col], errors="coerce").dropna() if col in ok else pd.Series(dtype=float)
+            if m in ("peak_mib", "cpu_peak_rss_mib", "gpu_peak_mib"):
+                # memory of failed/oom runs is still a measurement worth showing
+                vals_all = pd.to_numeric(g[col], errors="coerce").dropna()
+                vals = vals if len(vals) else vals_all
+            mean = float(vals.mean()) if len(vals) else float("nan")
+            std = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+            if len(ok) == 0 and not len(vals):
+                cell = ", ".join(s for s in sorted(set(g["status"])))
+            else:
+                cell = _fmt(mean, std, len(vals))
+            out.append({"row": label, "method": gd["method"], "preset": gd["preset"], "dataset": gd["dataset"],
+                        **{k.split(".", 1)[1]: gd[k] for k in keys}, "metric": m, "mean": mean, "std": std,
+                        "n": int(len(vals)), "runs": runs, "data_source": ",".join(sources) or None,
+                        "peak_kind": ",".join(sorted(set(g["peak_kind"]))), "cell": cell})
+    return pd.DataFrame(out)
+
+
+def wide(summary: pd.DataFrame) -> tuple[list[str], list[tuple[str, str]], dict[tuple[str, str, str], str]]:
+    """(row labels, (dataset, column) pairs, cell text) for the rendered tables."""
+    rows = list(dict.fromkeys(summary["row"]))
+    datasets = list(dict.fromkeys(summary.sort_values("dataset")["dataset"]))
+    metrics = list(dict.fromkeys(summary["metric"]))
+    cols = [(d, m) for d in datasets for m in metrics] + [(d, "runs") for d in datasets]
+    cols = sorted(cols, key=lambda c: (datasets.index(c[0]), 0 if c[1] != "runs" else 1))
+    cells: dict[tuple[str, str, str], str] = {}
+    for r in summary.itertuples():
+        cells[(r.row, r.dataset, r.metric)] = r.cell
+        cells[(r.row, r.dataset, "runs")] = r.runs
+    return rows, cols, cells
+
+
+def dataset_titles(summary: pd.DataFrame) -> dict[str, str]:
+    """Dataset column-group titles, flagged when any run read the shipped sample."""
+    titles = {}
+    for d, g in summary.groupby("dataset"):
+        src = {s for v in g["data_source"].dropna() for s in str(v).split(",")}
+        titles[d] = f"{d} (sample data)" if "sample" in src else d
+    return titles
+
+
+def to_markdown(summary: pd.DataFrame) -> str:
+    if summary.empty:
+        return "_no records_\n"
+    rows, cols, cells = wide(summary)
+    titles = dataset_titles(summary)
+    head = ["method"] + [f"{titles[d]}: {m}" for d, m in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([r] + [cells.get((r, d, m), "") for d, m in cols]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_rich(summary: pd.DataFrame, title: str = "milbench") -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    if summary.empty:
+        table.add_column("no records")
+        return table
+    rows, cols, cells = wide(summary)
+    titles = dataset_titles(summary)
+    table.add_column("method", style="bold")
+    for d, m in cols:
+        table.add_column(f"{titles[d]}\n{m}", justify="right")
+    for r in rows:
+        vals = []
+        for d, m in cols:
+            v = cells.get((r, d, m), "")
+            if m != "runs" and v and v[0].isalpha() and v != "—":
+                v = f"[red]{v}[/red]"
+            vals.append(v)
+        table.add_row(r, *vals)
+    return table

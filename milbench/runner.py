@@ -1,0 +1,261 @@
+"""Running one benchmark point: resolve its config, start a fresh child
+process, and turn whatever the child left into exactly one record.
+
+The parent never imports torch. It owns the outcome: ``ok``, ``failed``,
+``oom`` (the child's own report, or the ``--max-memory`` watchdog),
+``timeout`` (``--timeout`` seconds passed) and ``interrupted`` (SIGINT/SIGTERM
+reached the parent, which stops the child and still writes the record).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from milbench.config import HARNESS_PARAMS, HARNESS_SMOKE, config_hash, resolve
+from milbench.errors import ConfigError, MilbenchError, unknown_name
+from milbench.plugins import Registry
+from milbench.records import REQUIRED_KEYS, SCHEMA_VERSION, new_run_id, now_iso, write_record
+
+DEFAULT_PRESET = "default"
+
+
+@dataclass
+class RunPlan:
+    """A fully resolved benchmark point (what a sweep compares hashes of)."""
+
+    method: str
+    dataset: str
+    preset: str
+    seed: int
+    smoke: bool
+    config: dict[str, Any]
+    config_hash: str
+    supervision: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def presets_of(method: Any, dataset: Any) -> list[str]:
+    return sorted({DEFAULT_PRESET, *dataset.presets, *method.presets})
+
+
+def plan_run(registry: Registry, method_name: str, dataset_name: str, preset: str | None = None,
+             overrides: Sequence[str] | Mapping[str, Any] = (), seed: int = 0, smoke: bool = False) -> RunPlan:
+    """Resolve a point's config: declared defaults (harness, dataset, method),
+    the dataset's then the method's overrides, the preset, ``--smoke``, then
+    ``--set``. Bad names and values are one-line errors."""
+    method = registry.method(method_name)
+    dataset = registry.dataset(dataset_name)
+    preset = preset or DEFAULT_PRESET
+    valid = presets_of(method, dataset)
+    if preset not in valid:
+        raise unknown_name("preset", preset, valid)
+    params = {**HARNESS_PARAMS}
+    for owner in (dataset, method):
+        for key, p in owner.params.items():
+            if key in params and params[key] != p:
+                raise ConfigError(f"{type(owner).__name__} redeclares config key '{key}'")
+            params[key] = p
+    layers = [(f"dataset '{dataset.name}' defaults", dataset.defaults),
+              (f"method '{method.name}' defaults", method.defaults),
+              (f"dataset '{dataset.name}' preset '{preset}'", dataset.presets.get(preset, {})),
+              (f"method '{method.name}' preset '{preset}'", method.presets.get(preset, {}))]
+    if smoke:
+        layers += [("harness smoke", HARNESS_SMOKE), (f"dataset '{dataset.name}' smoke", dataset.smoke),
+                   (f"method '{method.name}' smoke", method.smoke)]
+    config = resolve(params, layers, overrides)
+    method.check(config)
+    return RunPlan(method.name, dataset.name, preset, int(seed), smoke, config,
+                   config_hash(config, method.name, dataset.name), method.supervision,
+                   list(overrides) if not isinstance(overrides, Mapping) else [f"{k}={v}" for k, v in overrides.items()])
+
+
+_DEVICE_HELP = "valid: auto, cpu, cuda, cuda:N"
+
+
+def check_device(device: str) -> str:
+    """Validate ``--device`` without importing torch (NVML tells whether a GPU exists)."""
+    d = device.strip().lower()
+    if d in ("auto", "cpu"):
+        return d
+    if d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()):
+        index = int(d[5:]) if ":" in d else 0
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+        except Exception as exc:
+            raise MilbenchError(f"--device {device}: no CUDA device on this machine "
+                                f"(NVML: {type(exc).__name__}); use --device cpu or auto") from None
+        if index >= count:
+            raise MilbenchError(f"--device {device}: only {count} CUDA device(s) visible; {_DEVICE_HELP}")
+        return d
+    raise MilbenchError(f"bad --device {device!r}; {_DEVICE_HELP}")
+
+
+def parse_bytes(text: str | None) -> int | None:
+    """``2GB``, ``512MiB``, ``1.5G``, ``1000000`` → bytes (binary multiples)."""
+    if text is None:
+        return None
+    t = text.strip().upper().replace("IB", "B")
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "B": 1}
+    for suffix in sorted(units, key=len, reverse=True):
+        if t.endswith(suffix):
+            num = t[: -len(suffix)]
+            break
+    else:
+        suffix, num = "B", t
+    try:
+        value = int(float(num) * units[suffix])
+    except ValueError:
+        raise MilbenchError(f"bad memory size {text!r}; valid: a number with an optional unit, e.g. 2GB or 512MiB") from None
+    if value <= 0:
+        raise MilbenchError(f"bad memory size {text!r}: must be positive")
+    return value
+
+
+class _Signals:
+    """Turns SIGINT/SIGTERM into a flag while a child runs (restored after)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _stop_child(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the child's process group, then SIGKILL after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The user interrupted a run; its record was written (``record`` holds it)."""
+
+    def __init__(self, record: dict[str, Any]):
+        super().__init__(record.get("error"))
+        self.record = record
+
+
+def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str | None = None,
+            timeout: float | None = None, max_memory: int | None = None, quiet: bool = False,
+            extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run one planned point in a fresh child and write its record; return it.
+
+    Raises :class:`RunInterrupted` (after writing the record) if the user
+    interrupted; every other outcome is a record, never an exception.
+    """
+    from milbench.environment import git_state, host_environment
+
+    run_id = new_run_id(plan.method, plan.dataset, plan.seed)
+    artifact_dir = results / "artifacts" / run_id
+    log_path = results / "logs" / f"{run_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {k: None for k in REQUIRED_KEYS}
+    record.update({
+        "schema_version": SCHEMA_VERSION, "run_id": run_id, "created": now_iso(), "status": "failed",
+        "method": plan.method, "dataset": plan.dataset, "preset": plan.preset, "config": plan.config,
+        "config_hash": plan.config_hash, "seed": plan.seed, "supervision": plan.supervision,
+        "smoke": plan.smoke, "overrides": plan.overrides, "device_requested": device,
+        "data_root": data_root, "metrics": {}, "timing": {}, "memory": {}, "history": [],
+        "log": str(log_path), "git": git_state(), "command": sys.argv[1:] if sys.argv else None,
+    })
+    record.update(extra or {})
+    with tempfile.TemporaryDirectory(prefix="milbench-run-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps({
+            "method": plan.method, "dataset": plan.dataset, "config": plan.config, "seed": plan.seed,
+            "device": device, "data_root": data_root, "artifact_dir": str(artifact_dir),
+            "max_memory_bytes": max_memory,
+        }))
+        t0 = time.perf_counter()
+        outcome, error = None, None
+        with open(log_path, "w") as log, open(log_path) as tail, _Signals() as sigs:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "milbench.child", str(spec_path), str(result_path)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            while proc.poll() is None:
+                if not quiet:
+                    sys.stderr.write(tail.read())
+                if sigs.received:
+                    _stop_child(proc)
+                    outcome, error = "interrupted", f"interrupted by {sigs.received}; the run was stopped"
+                    break
+                if timeout is not None and time.perf_counter() - t0 > timeout:
+                    _stop_child(proc)
+                    outcome, error = "timeout", f"run exceeded --timeout {timeout:g}s and was stopped"
+                    break
+                time.sleep(0.05)
+            if not quiet:
+                sys.stderr.write(tail.read())
+        wall = time.perf_counter() - t0
+        child: dict[str, Any] = {}
+        if result_path.exists():
+            try:
+                child = json.loads(result_path.read_text())
+            except ValueError:
+                child = {}
+    for key in ("metrics", "timing", "memory", "history", "data", "error", "traceback", "best_epoch", "artifacts"):
+        if child.get(key) is not None:
+            record[key] = child[key]
+    record["environment"] = {**host_environment(), **(child.get("environment") or {})}
+    code = proc.returncode
+    if outcome:
+        record["status"], record["error"] = outcome, error
+    elif child.get("status") in ("ok", "failed", "oom", "interrupted"):
+        record["status"] = child["status"]
+        if child["status"] == "ok" and code != 0:
+            record["status"], record["error"] = "failed", f"child exited with status {code} after finishing"
+    else:
+        record["status"] = "failed"
+        how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with status {code}"
+        record["error"] = f"child process {how} before reporting a result" + (
+            " (possibly out of memory)" if code == -signal.SIGKILL else "")
+    record["timing"] = {**(record.get("timing") or {}), "wall_s": wall}
+    record["exit_code"] = code
+    record["memory"].setdefault("gpu_peak_bytes", None)
+    record["memory"].setdefault("gpu_peak_method", None)
+    record["memory"].setdefault("torch_peak_allocated_bytes", None)
+    record["memory"].setdefault("torch_peak_reserved_bytes", None)
+    record["memory"].setdefault("cpu_peak_rss_bytes", None)
+    record["memory"]["max_memory_bytes"] = max_memory
+    if not (artifact_dir.exists() and any(artifact_dir.iterdir())):
+        record.pop("artifacts", None)
+    write_record(results, record)
+    if record["status"] == "interrupted" and outcome == "interrupted":
+        raise RunInterrupted(record)
+    return record

@@ -1,0 +1,48 @@
+"""``abmil``: the baseline — gated-attention MIL (Ilse et al., ICML 2018).
+
+The encoder runs over every instance of the bag with autograd, so activation
+memory grows linearly with the bag size. Its gradient is the reference that
+the memory-saving methods (grad-accum, sampled) are measured against.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from milbench.api import Bag, DataSpec, Method, Prediction, RunContext, hookimpl
+from milbench.models.attention_mil import ATTENTION_MIL_PARAMS
+
+
+class ABMIL(Method):
+    name = "abmil"
+    supervision = "bag"
+    description = "gated-attention MIL; encoder over the whole bag with autograd (memory grows with N)"
+    params = ATTENTION_MIL_PARAMS
+    presets = {"paper": {"encoder": "resnet18", "feat_dim": 2048, "attn_dim": 524, "norm": "frozen"}}
+
+    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
+        from milbench.models.attention_mil import build_attention_mil
+
+        return build_attention_mil(spec, config)
+
+    def backward(self, model, bag: Bag, config: Mapping[str, Any]) -> float:
+        from milbench.models.attention import bag_loss
+
+        logit, _ = model(bag.instances)
+        loss = bag_loss(logit, bag.label)
+        loss.backward()
+        return float(loss.detach())
+
+    def predict(self, model, bag: Bag, config: Mapping[str, Any]) -> Prediction:
+        import torch
+
+        from milbench.models.attention import attention_scores
+
+        logit, a = model(bag.instances)
+        prob = float(torch.sigmoid(logit))
+        return Prediction(bag_prob=prob, instance_scores=attention_scores(a, prob))
+
+
+@hookimpl
+def milbench_register_methods(register):
+    register(ABMIL())

@@ -1,0 +1,178 @@
+"""``qmnist``: bags of handwritten digits; a bag is positive when it holds the key digit.
+
+Reads torchvision's QMNIST raw files (``QMNIST/raw/qmnist-{train,test}-*``)
+when a data root has them, else MNIST's IDX files (``MNIST/raw/*-idx3-ubyte``;
+QMNIST's first 10,000 test digits *are* MNIST's test set), else the 10,000
+MNIST test digits shipped inside this package (the record says ``sample``).
+
+Splits: the digit pool is shuffled with the run seed and cut into train, val
+and test pools *before* any bag is drawn; each split's bags come from its own
+pool, so no test bag shares a digit image with a training bag (Andersson et
+al. 2022 build their QMNIST bags the same way).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from milbench.api import DataSpec, Dataset, DataStatus, Param, Splits, hookimpl
+
+EMBEDDED = Path(__file__).parent / "data" / "mnist"
+_QMNIST = [("qmnist-train-images-idx3-ubyte", "qmnist-train-labels-idx2-int"),
+           ("qmnist-test-images-idx3-ubyte", "qmnist-test-labels-idx2-int")]
+_MNIST = [("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+_FETCH = "milbench data download qmnist"
+MEAN, STD = 0.1307, 0.3081
+QMNIST_URL = "https://raw.githubusercontent.com/facebookresearch/qmnist/master"
+
+
+def _locate(data_root: str | None) -> tuple[str, list[tuple[Path, Path]], list[str]]:
+    """(source, [(images, labels)...], looked_in): QMNIST > MNIST > embedded."""
+    from milbench.data.idx import find_file
+    from milbench.data.roots import candidate_roots
+
+    looked = []
+    for root in candidate_roots(data_root):
+        for sub, pairs in (("QMNIST/raw", _QMNIST), ("MNIST/raw", _MNIST)):
+            folder = root / sub
+            looked.append(str(folder))
+            found = [(find_file(folder, i), find_file(folder, l)) for i, l in pairs]
+            found = [(i, l) for i, l in found if i and l]
+            if found:
+                return ("qmnist" if sub.startswith("QMNIST") else "mnist"), found, looked
+    embedded = [(find_file(EMBEDDED, i), find_file(EMBEDDED, l)) for i, l in _MNIST[1:]]
+    looked.append(str(EMBEDDED))
+    return "sample", [(i, l) for i, l in embedded if i and l], looked
+
+
+class QMNISTBags(Dataset):
+    name = "qmnist"
+    description = "bags of QMNIST/MNIST digits; positive iff the bag holds the key digit"
+    params = {
+        "bag_size": Param(20, int, "instances per bag (mean when bag_size_std > 0)", low=1),
+        "bag_size_std": Param(0.0, float, "std of a Gaussian bag size (0: fixed, as Andersson et al.)", low=0),
+        "instance_size": Param(28, int, "digit side in pixels (upsampled bilinearly from 28)", low=8),
+        "key_fraction": Param(0.1, float, "share of key digits in a positive bag", low=0, high=1, low_open=True),
+        "key_digit": Param(9, int, "the digit that makes a bag positive", low=0, high=9),
+        "n_train_bags": Param(200, int, "training bags", low=1),
+        "n_val_bags": Param(50, int, "validation bags (checkpoint selection)", low=1),
+        "n_test_bags": Param(100, int, "held-out test bags", low=1),
+        "pool_fractions": Param("0.55,0.15,0.30", str, "train,val,test shares of the digit pool"),
+    }
+    defaults = {"lr": 5e-4, "epochs": 10}
+    presets = {
+        # Andersson et al. 2022: 84x84 digits, 50 per bag, 5 % key, 300/30/60 bags, lr 5e-5, 25 bags per step.
+        "paper": {"instance_size": 84, "bag_size": 50, "key_fraction": 0.05, "n_train_bags": 300,
+                  "n_val_bags": 30, "n_test_bags": 60, "lr": 5e-5, "bags_per_step": 25, "epochs": 50},
+    }
+    smoke = {"bag_size": 8, "n_train_bags": 8, "n_val_bags": 4, "n_test_bags": 8}
+
+    def status(self, data_root: str | None) -> DataStatus:
+        source, files, looked = _locate(data_root)
+        n = 0
+        for img, _ in files:
+            n += 60000 if "train" in img.name else (60000 if source == "qmnist" else 10000)
+        complete = source == "qmnist" and len(files) == 2
+        detail = {"qmnist": "QMNIST", "mnist": "MNIST IDX files", "sample": "embedded MNIST test set"}[source]
+        return DataStatus(self.name, bool(files), complete, str(files[0][0].parent) if files else None,
+                          "full" if complete else ("sample" if source == "sample" else "partial"),
+                          f"{detail}: {', '.join(f.name for f, _ in files)} (~{n:,} digits)", looked, _FETCH)
+
+    def _read(self, data_root: str | None):
+        import numpy as np
+
+        from milbench.data.idx import read_idx
+
+        source, files, _ = _locate(data_root)
+        images, labels = [], []
+        for img, lab in files:
+            x = read_idx(img, f"download a good copy with '{_FETCH}'")
+            y = read_idx(lab, f"download a good copy with '{_FETCH}'")
+            y = y[:, 0] if y.ndim == 2 else y  # QMNIST idx2 table: column 0 is the digit
+            if len(x) != len(y):
+                raise_mismatch(img, lab, len(x), len(y))
+            images.append(x)
+            labels.append(y.astype(np.int64))
+        return source, files, np.concatenate(images), np.concatenate(labels)
+
+    def verify(self, data_root: str | None) -> list[str]:
+        from milbench.errors import DataError
+
+        try:
+            source, files, x, y = self._read(data_root)
+        except DataError as exc:
+            return [str(exc)]
+        problems = []
+        if not files:
+            problems.append("no digit files found")
+        if set(y.tolist()) != set(range(10)):
+            problems.append(f"labels are not the 10 digits: {sorted(set(y.tolist()))}")
+        return problems
+
+    def download(self, data_root: str) -> None:
+        """Fetch QMNIST's official files (facebookresearch/qmnist) into ``<root>/QMNIST/raw``."""
+        from milbench.data.download import fetch
+
+        raw = Path(data_root) / "QMNIST" / "raw"
+        for pair in _QMNIST:
+            for stem in pair:
+                fetch(f"{QMNIST_URL}/{stem}.gz", raw / f"{stem}.gz")
+
+    def load(self, config: Mapping[str, Any], seed: int, data_root: str | None) -> Splits:
+        import numpy as np
+        import torch
+
+        from milbench.data.bags import PooledBags, ids_hash, plan_bags, split_pool
+        from milbench.errors import ConfigError, DataError
+
+        source, files, x, y = self._read(data_root)
+        if not files:
+            raise DataError(f"no QMNIST/MNIST digits found; looked in {', '.join(_locate(data_root)[2])}; run '{_FETCH}'")
+        try:
+            fractions = [float(f) for f in str(config["pool_fractions"]).split(",")]
+            assert len(fractions) == 3 and all(f > 0 for f in fractions) and abs(sum(fractions) - 1) < 1e-6
+        except (ValueError, AssertionError):
+            raise ConfigError(f"bad value for 'pool_fractions': {config['pool_fractions']!r}; "
+                              "valid: three positive numbers summing to 1, e.g. 0.55,0.15,0.30") from None
+        size = config["instance_size"]
+        images = torch.from_numpy(x.copy())  # (M, 28, 28) uint8
+        ids = np.array([f"{source}:{i}" for i in range(len(y))])
+        is_key = y == config["key_digit"]
+
+        def get_instances(idx: np.ndarray) -> torch.Tensor:
+            t = images[torch.as_tensor(idx)].float().div_(255).unsqueeze(1)
+            if size != t.shape[-1]:
+                t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+            return (t - MEAN) / STD
+
+        rng = np.random.default_rng(seed)
+        pools = split_pool(len(y), fractions, rng)
+        splits = []
+        for name, pool, key in zip(("train", "val", "test"), pools, ("n_train_bags", "n_val_bags", "n_test_bags")):
+            plans = plan_bags(pool, is_key[pool], config[key], config["bag_size"], config["key_fraction"], rng,
+                              name, config["bag_size_std"])
+            splits.append(PooledBags(plans, get_instances, is_key, ids))
+        info = {
+            "source": source,
+            "files": [str(p) for pair in files for p in pair],
+            "n_digits": int(len(y)),
+            "split_seed": seed,
+            "pool_sizes": {n: int(len(p)) for n, p in zip(("train", "val", "test"), pools)},
+            "instance_id_hash": {n: ids_hash(s.instance_ids()) for n, s in zip(("train", "val", "test"), splits)},
+        }
+        spec = DataSpec(channels=1, instance_size=size, n_classes=2,
+                        instance_classes=("other digit", f"digit {config['key_digit']}"), key_class=1)
+        return Splits(spec, *splits, info=info)
+
+
+def raise_mismatch(img: Path, lab: Path, n_img: int, n_lab: int) -> None:
+    from milbench.errors import DataError
+
+    raise DataError(f"{img} has {n_img} images but {lab} has {n_lab} labels; re-download with '{_FETCH}'")
+
+
+@hookimpl
+def milbench_register_datasets(register):
+    register(QMNISTBags())
