@@ -177,9 +177,10 @@ def to_markdown(summary: pd.DataFrame) -> str:
 
 
 def to_rich(summary: pd.DataFrame, title: str = "milbench") -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False)
+    table = Table(title=escape(title), show_lines=False)
     if summary.empty:
         table.add_column("no records")
         return table
@@ -192,8 +193,9 @@ def to_rich(summary: pd.DataFrame, title: str = "milbench") -> Any:
         vals = []
         for d, m in cols:
             v = cells.get((r, d, m), "")
+            v = escape(v)
             if m != "runs" and v and v[0].isalpha() and v != "—":
                 v = f"[red]{v}[/red]"
             vals.append(v)
-        table.add_row(r, *vals)
+        table.add_row(escape(r), *vals)
     return table

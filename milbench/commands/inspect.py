@@ -9,20 +9,22 @@ import click
 @click.option("--data-root", default=None, help="also show where datasets would be read from this root")
 def list_cmd(data_root):
     """Methods (supervision, keys and defaults) and datasets (sizes, where their data is)."""
-    from rich.console import Console
+    from milbench.console import make_console
+    from rich.markup import escape
     from rich.table import Table
 
     from milbench.plugins import get_registry
 
     reg = get_registry()
-    console = Console()
+    console = make_console()
     t = Table(title="methods")
     for col in ("name", "supervision", "plugin", "description", "keys (default)", "presets"):
         t.add_column(col)
     for name in sorted(reg.methods):
         m = reg.methods[name]
         keys = ", ".join(f"{k}={p.default}" for k, p in m.params.items())
-        t.add_row(name, m.supervision, reg.owners[("method", name)], m.description, keys, ", ".join(m.presets) or "—")
+        t.add_row(name, m.supervision, reg.owners[("method", name)], escape(m.description), escape(keys),
+                  ", ".join(m.presets) or "—")
     console.print(t)
     t = Table(title="datasets")
     for col in ("name", "plugin", "description", "defaults", "data"):
@@ -36,7 +38,7 @@ def list_cmd(data_root):
             where = f"{st.source}: {st.detail}" + (f" [{st.root}]" if st.root else "")
         except Exception as exc:  # a dataset's status must not hide the others
             where = f"status failed: {exc}"
-        t.add_row(name, reg.owners[("dataset", name)], d.description, size, where)
+        t.add_row(name, reg.owners[("dataset", name)], escape(d.description), size, escape(where))
     console.print(t)
     for (kind, name), owners in sorted(reg.conflicts.items()):
         console.print(f"[red]{kind} '{name}' is registered by plugins {' and '.join(owners)}: unusable until one is removed[/red]")
@@ -45,7 +47,8 @@ def list_cmd(data_root):
 @click.command("plugins")
 def plugins_cmd():
     """Installed plugins: name, version, source, status and what they registered."""
-    from rich.console import Console
+    from milbench.console import make_console
+    from rich.markup import escape
     from rich.table import Table
 
     from milbench.plugins import get_registry
@@ -56,5 +59,5 @@ def plugins_cmd():
         t.add_column(col)
     for p in reg.plugins:
         status = {"ok": "[green]ok[/green]", "broken": "[red]broken[/red]", "conflict": "[yellow]conflict[/yellow]"}[p.status]
-        t.add_row(p.name, p.version or "—", p.source, p.module, status, p.error or ", ".join(p.registered))
-    Console().print(t)
+        t.add_row(p.name, p.version or "—", p.source, p.module, status, escape(p.error or ", ".join(p.registered)))
+    make_console().print(t)

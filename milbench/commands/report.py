@@ -35,9 +35,9 @@ def report(results, fmt, metrics, methods, datasets, presets, include_smoke, out
             df = df[df[col].isin([s.strip() for s in sel.split(",")])]
     summary = summarize(df, metrics or DEFAULT_METRICS)
     if fmt == "table":
-        from rich.console import Console
+        from milbench.console import make_console
 
-        console = Console(file=open(output, "w") if output else None, width=200 if output else None)
+        console = make_console(open(output, "w") if output else None)
         console.print(to_rich(summary, title=f"milbench report — {results_dir(results)}"))
         if df.empty:
             console.print("no records found (smoke runs are hidden unless --include-smoke)")
@@ -49,7 +49,6 @@ def report(results, fmt, metrics, methods, datasets, presets, include_smoke, out
     else:
         text = json.dumps(json.loads(summary.drop(columns=["cell"]).to_json(orient="records")), indent=2) + "\n"
     if output:
-        from milbench.records import write_json_atomic  # noqa: F401  (atomic text write below)
         from pathlib import Path
 
         Path(output).write_text(text)

@@ -21,11 +21,13 @@ ATTENTION_MIL_PARAMS: dict[str, Param] = {
                      choices=("auto",) + ENCODERS),
     "feat_dim": Param(None, int, "encoder feature size (none: the encoder's default)", low=1, nullable=True),
     "attn_dim": Param(128, int, "hidden size of the gated attention", low=1),
-    "norm": Param("group", str, "norm layers of the encoder (batch cannot be chunked exactly)", choices=NORMS),
+    "norm": Param("auto", str, "encoder norm layers ('auto': none for lenet as Ilse et al., group for cnn, "
+                  "frozen for resnet18; batch cannot be chunked exactly)", choices=("auto",) + NORMS),
     "dropout": Param(0.0, float, "dropout on the attention hidden layer", low=0, high=1, high_open=True),
 }
 
 _FEAT_DEFAULT = {"lenet": 500, "cnn": 128, "resnet18": 2048}
+_NORM_DEFAULT = {"lenet": "none", "cnn": "group", "resnet18": "frozen"}
 
 
 def encoder_name(config: Mapping[str, Any], spec: DataSpec) -> str:
@@ -43,5 +45,6 @@ def build_attention_mil(spec: DataSpec, config: Mapping[str, Any]):
 
     name = encoder_name(config, spec)
     feat_dim = config["feat_dim"] or _FEAT_DEFAULT[name]
-    enc = create_encoder(name, spec.channels, spec.instance_size, feat_dim, config["norm"])
+    norm = _NORM_DEFAULT[name] if config["norm"] == "auto" else config["norm"]
+    enc = create_encoder(name, spec.channels, spec.instance_size, feat_dim, norm)
     return AttentionMIL(enc, feat_dim, config["attn_dim"], config["dropout"])

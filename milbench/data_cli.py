@@ -1,0 +1,224 @@
+"""``milbench data``: where each dataset looks, what it found, and how to fetch what is missing.
+
+- ``milbench data`` prints one row per registered dataset (a rich table, or
+  ``--json``): its state (complete / partial / sample / missing), the folder it
+  would read, what is there, where it looked, and the command that fetches it.
+- ``milbench data verify [NAME] [--quick]`` runs each dataset's deep check
+  (counts, readable files, checksums where known) and exits non-zero on problems.
+- ``milbench data download NAME`` fetches the official files (network needed);
+  offline it fails with one line that says what to download by hand.
+
+Datasets come from :func:`milbench.plugins.get_registry` (a test may hand in its
+own registry as ``obj={"registry": reg}``). Nothing here imports torch at module
+import time; the datasets' own checks import it when they decode images.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from milbench.errors import MilbenchError
+
+_STATE_STYLE = {"full": ("complete", "green"), "partial": ("partial", "yellow"),
+                "sample": ("sample only", "cyan"), "missing": ("missing", "red"), "error": ("error", "red")}
+_DATA_ROOT_HELP = "data root searched first (then $MILBENCH_DATA_ROOT, then the user cache)"
+
+
+def _registry(ctx: click.Context) -> Any:
+    """The plugin registry: one handed in through ``ctx.obj['registry']``, else the process one."""
+    obj = ctx.find_object(dict)
+    if obj and obj.get("registry") is not None:
+        return obj["registry"]
+    from milbench.plugins import get_registry
+
+    return get_registry()
+
+
+def _data_root(ctx: click.Context, given: str | None) -> str | None:
+    """A subcommand's ``--data-root``, else the one given to ``milbench data``."""
+    return given if given else ctx.meta.get("milbench.data_root")
+
+
+def _call(fn: Callable[..., Any], *args: Any, **optional: Any) -> Any:
+    """Call ``fn``, passing each optional keyword only if its signature accepts it, so a
+    third-party dataset written against the base signature keeps working."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in optional.items() if v is not None and (takes_any or k in params)}
+    return fn(*args, **kwargs)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, MilbenchError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def _status_row(name: str, dataset: Any, data_root: str | None) -> dict[str, Any]:
+    """One dataset's status as a plain dict; a dataset whose status() fails shows as ``error``."""
+    try:
+        st = dataset.status(data_root)
+        row = asdict(st)
+    except Exception as exc:  # a broken plugin must not hide the other datasets
+        row = {"name": name, "found": False, "complete": False, "root": None, "source": "error",
+               "detail": _one_line(exc), "looked_in": [], "fetch_hint": f"milbench data download {name}"}
+    return row
+
+
+def _compact_looked(looked: list[str], roots: list[Path]) -> str:
+    """Group looked-in paths by data root: ``/data: imagenette2-160, imagenette2-224``."""
+    groups: dict[str, list[str]] = {}
+    for path in looked:
+        p = Path(path)
+        for root in roots:
+            try:
+                rel = p.relative_to(root)
+            except ValueError:
+                continue
+            groups.setdefault(str(root), []).append(str(rel) if str(rel) != "." else "(the root itself)")
+            break
+        else:
+            groups.setdefault(path, [])
+    return "\n".join(f"{k}: {', '.join(v)}" if v else k for k, v in groups.items())
+
+
+def _root_origins(data_root: str | None) -> list[tuple[Path, str]]:
+    """The data roots searched, in order, with where each came from."""
+    from milbench.data.roots import ENV_DATA_ROOT, cache_dir, candidate_roots
+
+    origins = []
+    for root in candidate_roots(data_root):
+        if data_root and root == Path(data_root).expanduser():
+            why = "--data-root"
+        elif os.environ.get(ENV_DATA_ROOT) and root == Path(os.environ[ENV_DATA_ROOT]).expanduser():
+            why = f"${ENV_DATA_ROOT}"
+        elif root == cache_dir():
+            why = "user cache"
+        else:
+            why = ""
+        origins.append((root, why))
+    return origins
+
+
+@click.group("data", invoke_without_command=True)
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help=_DATA_ROOT_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print the status as JSON instead of a table")
+@click.pass_context
+def data_group(ctx: click.Context, data_root: str | None, as_json: bool) -> None:
+    """Show, verify and download the datasets' files.
+
+    With no subcommand: for each dataset, where milbench looks, what it found,
+    whether it is complete, and the command that fetches it.
+    """
+    ctx.meta["milbench.data_root"] = data_root
+    if ctx.invoked_subcommand is not None:
+        return
+    registry = _registry(ctx)
+    rows = [_status_row(name, ds, data_root) for name, ds in sorted(registry.datasets.items())]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    _print_status(rows, data_root)
+
+
+def _print_status(rows: list[dict[str, Any]], data_root: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout, soft_wrap=False)
+    origins = _root_origins(data_root)
+    console.print("Data roots, searched in order: "
+                  + "; ".join(f"{i}. {r}" + (f" ({why})" if why else "") for i, (r, why) in enumerate(origins, 1)))
+    if not rows:
+        console.print("No datasets are registered (see 'milbench plugins').")
+        return
+    table = Table(show_lines=True)
+    for col in ("dataset", "state", "found", "looked in", "to fetch"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        label, style = _STATE_STYLE.get(row["source"], (row["source"], "white"))
+        found = row["detail"] + (f"\n{row['root']}" if row["root"] else "")
+        fetch = "" if row["complete"] else (row["fetch_hint"] or "")
+        table.add_row(row["name"], f"[{style}]{label}[/{style}]", found,
+                      _compact_looked(row["looked_in"], [r for r, _ in origins]), fetch)
+    console.print(table)
+
+
+@data_group.command("verify")
+@click.argument("name", required=False)
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help=_DATA_ROOT_HELP)
+@click.option("--quick", is_flag=True, help="decode a sample of the images instead of all of them")
+@click.pass_context
+def verify_cmd(ctx: click.Context, name: str | None, data_root: str | None, quick: bool) -> None:
+    """Check a dataset's files (all datasets without NAME): counts, readable files, checksums.
+
+    Exits non-zero when a checked dataset has problems, or when NAME is given and
+    its data is missing. Without NAME, missing datasets are listed and skipped.
+    """
+    registry = _registry(ctx)
+    root = _data_root(ctx, data_root)
+    try:
+        targets = [(name, registry.dataset(name))] if name else sorted(registry.datasets.items())
+    except MilbenchError as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    failed = False
+    for ds_name, ds in targets:
+        row = _status_row(ds_name, ds, root)
+        if row["source"] in ("missing", "error"):
+            click.echo(f"{ds_name}: {row['source']}: {row['detail']}"
+                       + (f" (fetch: {row['fetch_hint']})" if row["fetch_hint"] else ""))
+            failed = failed or bool(name) or row["source"] == "error"
+            continue
+        try:
+            problems = list(_call(ds.verify, root, quick=quick or None))
+        except Exception as exc:  # verify itself crashing is a problem to report, not a traceback
+            problems = [f"verify raised {_one_line(exc)}"]
+        where = row["root"] or "?"
+        if problems:
+            failed = True
+            click.echo(f"{ds_name}: {len(problems)} problem(s) in {where}")
+            for p in problems:
+                click.echo(f"  - {p}")
+        else:
+            label = _STATE_STYLE.get(row["source"], (row["source"],))[0]
+            click.echo(f"{ds_name}: ok ({label}{', quick' if quick else ''}): {row['detail']} [{where}]")
+    if failed:
+        ctx.exit(1)
+
+
+@data_group.command("download")
+@click.argument("name")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="where to put the files (default: $MILBENCH_DATA_ROOT, else the user cache)")
+@click.option("--variant", default=None, help="which archive, for datasets that offer several (e.g. imagenette2-320)")
+@click.pass_context
+def download_cmd(ctx: click.Context, name: str, data_root: str | None, variant: str | None) -> None:
+    """Fetch a dataset's official files into the data root (needs network access)."""
+    from milbench.data.roots import download_root
+
+    registry = _registry(ctx)
+    root = download_root(_data_root(ctx, data_root))
+    try:
+        ds = registry.dataset(name)
+        if variant is not None and "variant" not in inspect.signature(ds.download).parameters:
+            raise click.ClickException(f"dataset '{name}' has no --variant choice for download")
+        click.echo(f"downloading {name}{' ' + variant if variant else ''} into {root} ...", err=True)
+        _call(ds.download, str(root), variant=variant)
+        row = _status_row(name, ds, str(root))
+    except click.ClickException:
+        raise
+    except MilbenchError as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"could not download {name} into {root}: {_one_line(exc)}") from None
+    click.echo(f"{name}: {row['detail']} [{row['root'] or root}]")

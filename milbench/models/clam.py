@@ -1,0 +1,224 @@
+"""CLAM-SB head (Lu et al., "Data-efficient and weakly supervised computational
+pathology on whole-slide images", Nature BME 2021) over the positions of a
+feature map, and the CNN trunks StreamingCLAM streams in front of it.
+
+StreamingCLAM (Dooper et al.) treats every position of the streamed trunk's
+feature map as an instance: the head flattens (C, h, w) into h*w vectors,
+attends over them with gated attention, and classifies the attention-pooled
+vector. The optional instance-clustering loss is CLAM's: the k most and k
+least attended positions are pseudo-labelled in-class / out-of-class for the
+true class's instance classifier (smooth top-1 SVM or cross-entropy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from milbench.errors import ConfigError
+from milbench.models.norms import FrozenBatchNorm2d, freeze_batch_norms
+from milbench.models.streaming import StreamingTrunk
+
+__all__ = ["CLAMHead", "CLAMOutput", "StreamingCLAMModel", "clam_loss", "smooth_top1_svm", "build_trunk", "TRUNKS",
+           "INSTANCE_LOSSES"]
+
+TRUNKS = ("small", "resnet18", "resnet34", "resnet50")
+INSTANCE_LOSSES = ("none", "svm", "ce")
+_RESNET_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
+                    "resnet50": (256, 512, 1024, 2048)}
+_SMALL_WIDTHS = (16, 32, 64, 128)
+
+
+@dataclass
+class CLAMOutput:
+    """What the head computes for one bag.
+
+    ``logits`` (n_classes,); ``attention`` (h*w,) softmax weights over the
+    positions; ``attention_map`` the same as an (h, w) map; ``inst_loss`` the
+    instance-clustering loss (None when off or no label was given).
+    """
+
+    logits: torch.Tensor
+    attention: torch.Tensor
+    attention_map: torch.Tensor
+    inst_loss: torch.Tensor | None
+
+
+def smooth_top1_svm(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, tau: float = 1.0) -> torch.Tensor:
+    """Smooth top-1 multiclass SVM loss (Berrada et al., ICLR 2018), CLAM's default
+    instance loss: ``tau * logsumexp((alpha*[j != y] + s_j) / tau) - s_y``, averaged.
+
+    A margin-based loss that stays smooth, so a few pseudo-labelled positions
+    do not dominate the way they can with cross-entropy.
+    """
+    margin = torch.full_like(logits, alpha)
+    margin.scatter_(1, target.view(-1, 1), 0.0)
+    s_y = logits.gather(1, target.view(-1, 1)).squeeze(1)
+    return (tau * torch.logsumexp((logits + margin) / tau, dim=1) - s_y).mean()
+
+
+class _GatedAttention(nn.Module):
+    """CLAM's Attn_Net_Gated with one attention branch: w^T (tanh(V h) * sigmoid(U h))."""
+
+    def __init__(self, dim: int, attn_dim: int, dropout: float):
+        super().__init__()
+        self.v = nn.Sequential(nn.Linear(dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.u = nn.Sequential(nn.Linear(dim, attn_dim), nn.Sigmoid(), nn.Dropout(dropout))
+        self.w = nn.Linear(attn_dim, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.w(self.v(h) * self.u(h)).squeeze(-1)
+
+
+class CLAMHead(nn.Module):
+    """CLAM-SB: fc -> gated attention over positions -> pooled vector -> bag classifier,
+    plus one 2-way instance classifier per class for the clustering loss."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 512, attn_dim: int = 256, n_classes: int = 2,
+                 dropout: float = 0.0, inst_loss: str = "none", inst_k: int = 8):
+        super().__init__()
+        if inst_loss not in INSTANCE_LOSSES:
+            raise ConfigError(f"unknown inst_loss '{inst_loss}'; valid: {', '.join(INSTANCE_LOSSES)}")
+        if n_classes < 2:
+            raise ConfigError(f"bad n_classes {n_classes}: CLAM needs at least 2 classes")
+        self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.attention = _GatedAttention(hidden_dim, attn_dim, dropout)
+        self.classifier = nn.Linear(hidden_dim, n_classes)
+        self.instance_classifiers = nn.ModuleList(nn.Linear(hidden_dim, 2) for _ in range(n_classes))
+        self.n_classes = n_classes
+        self.inst_loss = inst_loss
+        self.inst_k = inst_k
+
+    def forward(self, features: torch.Tensor, label: int | None = None) -> CLAMOutput:
+        """Attend over the positions of one bag's feature map (C, h, w) or (1, C, h, w).
+        The instance loss is computed when a label is given and ``inst_loss`` is on."""
+        if features.dim() == 4:
+            if features.shape[0] != 1:
+                raise ValueError(f"CLAMHead takes one bag at a time, got a batch of {features.shape[0]}")
+            features = features[0]
+        if features.dim() != 3:
+            raise ValueError(f"expected a feature map (C, h, w), got shape {tuple(features.shape)}")
+        c, hh, ww = features.shape
+        h = self.fc(features.reshape(c, hh * ww).t())  # (positions, hidden)
+        a = torch.softmax(self.attention(h), dim=0)
+        logits = self.classifier(a @ h)
+        inst = None
+        if label is not None and self.inst_loss != "none":
+            inst = self._instance_loss(a, h, int(label))
+        return CLAMOutput(logits, a, a.view(hh, ww), inst)
+
+    def _instance_loss(self, a: torch.Tensor, h: torch.Tensor, label: int) -> torch.Tensor:
+        """CLAM-SB's in-class clustering loss (subtyping off): for the true class's
+        instance classifier, the k most attended positions are positives and the
+        k least attended negatives."""
+        k = max(1, min(self.inst_k, h.shape[0] // 2))
+        top = torch.topk(a, k).indices
+        bottom = torch.topk(-a, k).indices
+        x = torch.cat([h[top], h[bottom]])
+        target = torch.cat([torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)]).to(h.device)
+        logits = self.instance_classifiers[label](x)
+        if self.inst_loss == "svm":
+            return smooth_top1_svm(logits, target)
+        return F.cross_entropy(logits, target)
+
+
+def clam_loss(out: CLAMOutput, label: int, inst_weight: float = 0.3) -> torch.Tensor:
+    """CLAM's total loss: ``(1 - w) * CE(bag) + w * instance loss`` (CLAM's
+    bag_weight is ``1 - w``; 0.7 in the paper), or the bag CE alone when the
+    instance loss is off."""
+    target = torch.tensor([int(label)], device=out.logits.device)
+    bag = F.cross_entropy(out.logits.unsqueeze(0), target)
+    if out.inst_loss is None:
+        return bag
+    return (1.0 - inst_weight) * bag + inst_weight * out.inst_loss
+
+
+class StreamingCLAMModel(nn.Module):
+    """A streamed trunk and a CLAM head: the StreamingCLAM model.
+
+    ``forward(image)`` is the plain, non-streamed reference pass (autograd
+    through the whole image); training and prediction go through
+    ``stream.forward_streamed`` / ``stream.backward_streamed``.
+    ``trunk_frozen`` is the freezing schedule's switch: while set, the trunk
+    gets no gradient (and costs no backward).
+    """
+
+    def __init__(self, trunk: nn.Module, head: CLAMHead, tile_size: int):
+        super().__init__()
+        self.stream = StreamingTrunk(trunk, tile_size)
+        self.head = head
+        self.trunk_frozen = False
+
+    def forward(self, image: torch.Tensor, label: int | None = None) -> CLAMOutput:
+        return self.head(self.stream(image.unsqueeze(0) if image.dim() == 3 else image), label)
+
+
+# --------------------------------------------------------------------------------------------
+# Trunks
+# --------------------------------------------------------------------------------------------
+
+
+def _small_trunk(in_channels: int, depth: int) -> tuple[nn.Sequential, int]:
+    """conv3x3-frozenBN-ReLU stages, 2x2 max-pool between them: stride 2**(depth-1),
+    receptive field 38 px at depth 4 (a 28-px digit fits in one position's view)."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for i in range(depth):
+        w = _SMALL_WIDTHS[i]
+        conv = nn.Conv2d(c, w, 3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, FrozenBatchNorm2d(w), nn.ReLU(inplace=True)]
+        if i < depth - 1:
+            layers.append(nn.MaxPool2d(2))
+        c = w
+    return nn.Sequential(*layers), c
+
+
+def _resnet_trunk(name: str, in_channels: int, depth: int, pretrained: bool) -> tuple[nn.Sequential, int]:
+    import torchvision
+
+    ctor = getattr(torchvision.models, name)
+    try:
+        net = ctor(weights="IMAGENET1K_V1" if pretrained else None)
+    except Exception as exc:  # offline machines: torch.hub raises URLError, OSError, RuntimeError...
+        raise ConfigError(f"could not load ImageNet weights for {name} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); set pretrained=false or put the "
+                          f"weights in the torch hub cache") from None
+    if in_channels != 3:
+        old = net.conv1
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        if pretrained:  # grey or multi-channel input: spread the RGB filters' mean over the channels
+            with torch.no_grad():
+                net.conv1.weight.copy_(old.weight.mean(1, keepdim=True).repeat(1, in_channels, 1, 1)
+                                       * (3.0 / in_channels))
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4][:depth]
+    trunk = freeze_batch_norms(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages))
+    return trunk, _RESNET_CHANNELS[name][depth - 1]
+
+
+def build_trunk(name: str, in_channels: int, depth: int | None = None, pretrained: bool = False) -> nn.Sequential:
+    """A streamable CNN trunk by name, with every batch norm frozen.
+
+    ``small``: a few conv-ReLU-maxpool stages for CPU runs (``depth`` stages,
+    default 4, stride 8). ``resnet18/34/50``: torchvision's ResNet stem and the
+    first ``depth`` residual stages (default 4: stride 32, as StreamingCLAM),
+    random init unless ``pretrained`` (ImageNet weights; needs them downloaded).
+    The returned module has ``out_channels`` set for the head.
+    """
+    if name not in TRUNKS:
+        raise ConfigError(f"unknown trunk '{name}'; valid: {', '.join(TRUNKS)}")
+    depth = 4 if depth is None else int(depth)
+    if not 1 <= depth <= 4:
+        raise ConfigError(f"bad trunk_depth {depth}: valid 1..4 (stages of the trunk)")
+    if name == "small":
+        if pretrained:
+            raise ConfigError("trunk 'small' has no pretrained weights; set pretrained=false")
+        trunk, out = _small_trunk(in_channels, depth)
+    else:
+        trunk, out = _resnet_trunk(name, in_channels, depth, pretrained)
+    trunk.out_channels = out
+    return trunk

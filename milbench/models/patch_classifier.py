@@ -1,0 +1,163 @@
+"""Patch classifiers on timm backbones, class weighting and sliding-window dense maps.
+
+Used by the instance-supervised transcriptome CNN: one backbone classifies a
+patch into the dataset's instance classes. Two sizes matter and are kept
+apart: the *field of view* (how many image pixels a patch covers) and the
+*input size* (the side the backbone sees). ``fit = "crop"`` takes the centre
+``patch_size`` pixels of each instance (field = input = ``patch_size``);
+``fit = "resize"`` resamples the whole instance to ``patch_size`` (field =
+instance size). The centre crop keeps the instance's pixel ``s // 2`` at
+``patch_size // 2`` -- where a spot-centred patch holds its spot -- and the
+sliding window centres each output cell the same way, so training patches and
+dense prediction agree on what "the patch at a pixel" means.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from milbench.errors import ConfigError, did_you_mean
+
+#: Backbones of five families benchmarked by default (all build with timm,
+#: take 1-channel inputs and patches of 32 px or more).
+DEFAULT_BACKBONES = ("resnet18", "efficientnet_b0", "mobilenetv3_small_100", "densenet121", "convnext_atto")
+
+
+def build_backbone(name: str, in_chans: int, num_classes: int) -> nn.Module:
+    """A timm model with random weights (``pretrained=False``: nothing is downloaded).
+
+    Raises a one-line :class:`ConfigError` for a name timm does not know.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(f"unknown timm backbone {name!r}{did_you_mean(name, timm.list_models())}; "
+                          f"e.g. {', '.join(DEFAULT_BACKBONES)}")
+    try:
+        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes)
+    except Exception as e:  # timm raises several types for unsupported arguments
+        raise ConfigError(f"timm cannot build backbone {name!r} with in_chans={in_chans}: "
+                          f"{' '.join(str(e).split())}") from None
+
+
+class PatchClassifier(nn.Module):
+    """A backbone plus the patch geometry and running class counts.
+
+    ``class_counts`` (a buffer, saved with checkpoints) counts the training
+    labels seen so far; with ``class_weights = "balanced"`` the loss weights
+    each class by ``total / (n_seen_classes * count)`` -- inverse frequency
+    estimated online, because the method never sees the whole training split
+    at build time.
+    """
+
+    def __init__(self, backbone: nn.Module, n_classes: int, in_chans: int, field: int, input_size: int,
+                 key_class: int = 1, class_weights: str = "balanced"):
+        super().__init__()
+        if class_weights not in ("balanced", "none"):
+            raise ConfigError(f"bad value for 'class_weights': {class_weights!r}; valid: balanced, none")
+        self.backbone = backbone
+        self.n_classes, self.in_chans = int(n_classes), int(in_chans)
+        self.field, self.input_size = int(field), int(input_size)
+        self.key_class, self.class_weights = int(key_class), class_weights
+        self.register_buffer("class_counts", torch.zeros(n_classes, dtype=torch.float64))
+
+    def fit_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Centre-crop (n, C, s, s) instances to the field of view, then resize to the input size."""
+        s = x.shape[-1]
+        if s < self.field:
+            raise ConfigError(f"instances of {s} px are smaller than the classifier's {self.field} px field; "
+                              f"lower patch_size or raise instance_size")
+        if s > self.field:
+            o = s // 2 - self.field // 2
+            x = x[..., o:o + self.field, o:o + self.field]
+        if self.field != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                              antialias=self.input_size < self.field)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (n, n_classes) for a batch of instances of any side >= the field."""
+        return self.backbone(self.fit_patches(x))
+
+    def loss_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Update the running counts with ``labels``; return CE class weights (or None)."""
+        self.class_counts += torch.bincount(labels.detach().cpu(), minlength=self.n_classes).to(torch.float64)
+        if self.class_weights == "none":
+            return None
+        return balanced_weights(self.class_counts).to(device=labels.device, dtype=torch.float32)
+
+    def check_input(self) -> None:
+        """One dummy forward at the input size; a one-line ConfigError if the backbone cannot take it."""
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                p = next(self.parameters())
+                self.backbone(torch.zeros(2, self.in_chans, self.input_size, self.input_size, device=p.device,
+                                          dtype=p.dtype))
+        except Exception as e:
+            raise ConfigError(f"backbone {type(self.backbone).__name__} cannot classify {self.input_size} px "
+                              f"patches ({' '.join(str(e).split())[:160]}); use patch_size >= 32") from None
+        finally:
+            self.train(was)
+
+
+def balanced_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Inverse-frequency weights ``total / (k * count)`` over the k classes seen; 1 for unseen ones."""
+    counts = counts.to(torch.float64)
+    seen = counts > 0
+    w = torch.ones_like(counts)
+    if seen.any():
+        w[seen] = counts[seen].sum() / (seen.sum() * counts[seen])
+    return w
+
+
+def predict_batched(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Softmax probabilities (n, K) for ``x`` in batches of ``batch``."""
+    out = [torch.softmax(model(x[i:i + batch]), dim=1) for i in range(0, x.shape[0], batch)]
+    return torch.cat(out) if out else x.new_zeros((0, getattr(model, "n_classes", 2)))
+
+
+def sliding_window_probs(model: PatchClassifier, image: torch.Tensor, stride: int, batch: int) -> torch.Tensor:
+    """Class probabilities per ``stride x stride`` cell of a (C, H, W) image: (K, ceil(H/s), ceil(W/s)).
+
+    The window of cell (i, j) is ``model.field`` pixels wide with the cell's
+    centre pixel ``(i*s + s//2, j*s + s//2)`` at index ``field // 2`` (as the
+    spot in a training patch). The image is reflect-padded (replicate where
+    it is too small to reflect), since a region's surroundings look more
+    like its edge than like empty background. Windows are views of the padded
+    image until a batch is taken, so memory stays bounded for any stride.
+    """
+    c, h, w = image.shape
+    f, s = model.field, int(stride)
+    ny, nx = math.ceil(h / s), math.ceil(w / s)
+    pad = f + s
+    mode = "reflect" if pad < h and pad < w else "replicate"
+    padded = F.pad(image[None], (pad, pad, pad, pad), mode=mode)[0]
+    off = pad + s // 2 - f // 2
+    win = padded[:, off:, off:].unfold(1, f, s).unfold(2, f, s)[:, :ny, :nx]  # (C, ny, nx, f, f)
+    rows_per_batch = max(1, batch // max(1, nx))
+    probs = []
+    for r0 in range(0, ny, rows_per_batch):
+        chunk = win[:, r0:r0 + rows_per_batch].permute(1, 2, 0, 3, 4).reshape(-1, c, f, f)
+        probs.append(predict_batched(model, chunk, batch))
+    return torch.cat(probs).reshape(ny, nx, -1).permute(2, 0, 1)
+
+
+def cells_to_pixels(cells: torch.Tensor, stride: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Expand a (..., ny, nx) cell map to (..., H, W) pixels (each cell covers stride x stride)."""
+    out = cells.repeat_interleave(stride, dim=-2).repeat_interleave(stride, dim=-1)
+    return out[..., :shape[0], :shape[1]]
+
+
+def dense_class_map(model: PatchClassifier, image: torch.Tensor, stride: int, batch: int,
+                    key_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(classes (H, W) long, P(key class) (H, W) float) of an image by a sliding window."""
+    probs = sliding_window_probs(model, image, stride, batch)
+    h, w = image.shape[-2:]
+    return (cells_to_pixels(probs.argmax(0), stride, (h, w)).long(),
+            cells_to_pixels(probs[key_class], stride, (h, w)))

@@ -1,0 +1,680 @@
+"""Streaming convolution: exact CNN forward and backward over images too large
+for memory, one tile at a time (Pinckaers et al., "Streaming convolutional
+neural networks for end-to-end learning with multi-megapixel images", TPAMI
+2020). Written for milbench from the paper's idea; no code is shared with the
+authors' libraries.
+
+Why it is exact. Every layer a streamable trunk may contain (convolutions,
+max/avg pooling, point-wise activations, frozen or eval-mode batch norm, and
+residual additions of such branches) maps output position ``o`` of the trunk
+to a fixed input interval ``[o*S + lo, o*S + hi]`` per axis, with ``S`` the
+total stride. The engine derives ``S``, ``lo`` and ``hi`` from the layers'
+kernel sizes, strides, paddings and dilations (a torch.fx trace of the trunk,
+so residual blocks are handled by taking the union over branches), then
+
+* cuts the image into tiles whose origin is a multiple of ``S`` (so tile
+  positions line up with whole-image positions at every layer) and which
+  extend ``-lo`` pixels before and ``hi - S + 1`` after the outputs they are
+  responsible for; a tile side that lies on the image border is the image
+  border, so the tile sees exactly the zero padding the whole image sees;
+* runs the *unchanged* trunk on each tile and keeps only the outputs whose
+  input interval lies inside the tile (or runs past the image border on a side
+  where the tile is at the border): those equal the whole-image outputs;
+* for the backward pass, recomputes each tile with autograd and
+  back-propagates the slice of ``dL/dF`` it is responsible for. Every output
+  position is back-propagated exactly once, so the summed parameter (and
+  input) gradients are the whole-image ones.
+
+Peak memory is that of one tile (plus the stitched feature map and the
+image), whatever the image size. The price is recomputation: tiles overlap by
+the receptive field, and the backward needs a second forward. With a tile of
+side ``T`` and a receptive field ``R`` the work is roughly
+``(T / (T - R))**2 * 4/3`` times a plain forward+backward, so tiles should be
+several receptive fields wide (the StreamingCLAM paper used 3200-px tiles for
+ResNet-34, whose receptive field is 899 px).
+
+Layers whose output depends on the whole feature map (group/layer/instance
+norm, training-mode batch norm, adaptive or global pooling, linear layers) or
+on chance (training-mode dropout) cannot be streamed; the engine refuses them
+with a one-line :class:`~milbench.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from milbench.errors import ConfigError
+
+__all__ = [
+    "Geometry", "Tile", "StreamingTrunk", "geometry", "plan_tiles", "streamed_forward_backward",
+    "register_pointwise",
+]
+
+# --------------------------------------------------------------------------------------------
+# Which layers stream, and how
+# --------------------------------------------------------------------------------------------
+
+_POINTWISE_MODULES: list[type] = [
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Threshold,
+]
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+# Layers refused with a reason (checked before the generic "unknown layer" error).
+_WHOLE_MAP = "its output depends on the whole feature map, so a tile cannot reproduce it"
+_REFUSED: list[tuple[type, str]] = [
+    (nn.GroupNorm, _WHOLE_MAP + "; use frozen batch norm or no norm in a streamed trunk"),
+    (nn.LayerNorm, _WHOLE_MAP + "; use frozen batch norm or no norm in a streamed trunk"),
+    (nn.modules.instancenorm._InstanceNorm, _WHOLE_MAP + "; use frozen batch norm or no norm in a streamed trunk"),
+    (nn.AdaptiveAvgPool2d, _WHOLE_MAP + " (adaptive pooling); end the trunk before it"),
+    (nn.AdaptiveMaxPool2d, _WHOLE_MAP + " (adaptive pooling); end the trunk before it"),
+    (nn.Linear, "a linear layer mixes all positions; end the trunk before it"),
+    (nn.Flatten, "flattening mixes all positions; end the trunk before it"),
+    (nn.Upsample, "upsampling is not supported by the streaming engine"),
+    (nn.modules.conv._ConvTransposeNd, "transposed convolutions are not supported by the streaming engine"),
+]
+
+
+def _frozen_norm_types() -> tuple[type, ...]:
+    """Frozen batch norms known to be point-wise (ours, torchvision's, timm's if installed)."""
+    from milbench.models.norms import FrozenBatchNorm2d
+
+    types: list[type] = [FrozenBatchNorm2d]
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozen
+
+        types.append(TvFrozen)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    try:
+        from timm.layers import FrozenBatchNorm2d as TimmFrozen
+
+        types.append(TimmFrozen)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return tuple(types)
+
+
+def register_pointwise(cls: type) -> type:
+    """Declare a module class point-wise in space (each output pixel depends
+    only on the same input pixel), so the engine streams it. Usable as a
+    class decorator by third-party trunks."""
+    if cls not in _POINTWISE_MODULES:
+        _POINTWISE_MODULES.append(cls)
+    return cls
+
+
+# Element-wise functions and tensor methods: the output at a pixel depends only on
+# the inputs at that pixel, so their geometry is the union of their operands'.
+_POINTWISE_FUNCTIONS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,
+    operator.isub, operator.imul, operator.itruediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
+    torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.clamp, torch.clip, torch.maximum, torch.minimum,
+    torch.square,
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.softplus, F.softsign, F.logsigmoid,
+}
+_POINTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "add", "add_", "sub", "sub_", "mul", "mul_",
+    "div", "div_", "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "neg", "exp", "sqrt", "rsqrt",
+    "abs", "square", "to", "type", "float", "double", "half", "bfloat16", "contiguous", "clone", "detach",
+}
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One sliding-window layer along one axis (convolution or pooling)."""
+
+    kernel: int
+    stride: int
+    pad_lo: int
+    pad_hi: int
+    dilation: int = 1
+    ceil_mode: bool = False
+
+    def out_size(self, n: int) -> int:
+        """Output length for input length ``n`` (PyTorch's conv/pool rule)."""
+        span = self.dilation * (self.kernel - 1) + 1
+        top = n + self.pad_lo + self.pad_hi - span  # floor division rounds down, as ATen's div_rtn
+        out = (top + (self.stride - 1 if self.ceil_mode else 0)) // self.stride + 1
+        if self.ceil_mode and (out - 1) * self.stride >= n + self.pad_lo:
+            out -= 1
+        return max(out, 0)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One node of the traced trunk: how its geometry and size follow from its inputs."""
+
+    name: str
+    kind: str  # "input" | "const" | "window" | "merge"
+    inputs: tuple[str, ...] = ()
+    windows: tuple[_Window, _Window] | None = None  # (rows, cols) for kind == "window"
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """Output ``o`` of a node reads input ``[o*stride + lo, o*stride + hi]`` along one axis."""
+
+    stride: int
+    lo: int
+    hi: int
+
+    def then(self, w: _Window) -> "_Axis":
+        """Geometry after applying window layer ``w`` to a node with this geometry."""
+        w_lo = -w.pad_lo
+        w_hi = -w.pad_lo + w.dilation * (w.kernel - 1)
+        return _Axis(self.stride * w.stride, w_lo * self.stride + self.lo, w_hi * self.stride + self.hi)
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _conv_windows(m: nn.Conv2d, name: str) -> tuple[_Window, _Window]:
+    if type(m).forward is not nn.Conv2d.forward or type(m)._conv_forward is not nn.Conv2d._conv_forward:
+        raise ConfigError(f"cannot stream layer '{name}' ({type(m).__name__}): a Conv2d subclass with its own "
+                          f"forward may pad by input size; use a plain nn.Conv2d")
+    if m.padding_mode != "zeros":
+        raise ConfigError(f"cannot stream layer '{name}' (Conv2d, padding_mode='{m.padding_mode}'): only zero "
+                          f"padding is streamed exactly; use padding_mode='zeros'")
+    k, s, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation)
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            pads = [(0, 0), (0, 0)]
+        else:  # 'same' (stride 1): PyTorch puts the odd extra pixel after
+            pads = [(t // 2, t - t // 2) for t in (d[0] * (k[0] - 1), d[1] * (k[1] - 1))]
+    else:
+        p = _pair(m.padding)
+        pads = [(p[0], p[0]), (p[1], p[1])]
+    return tuple(_Window(k[i], s[i], pads[i][0], pads[i][1], d[i]) for i in range(2))  # type: ignore[return-value]
+
+
+def _pool_windows(m: nn.Module, name: str) -> tuple[_Window, _Window]:
+    if isinstance(m, nn.MaxPool2d) and m.return_indices:
+        raise ConfigError(f"cannot stream layer '{name}' (MaxPool2d with return_indices=True); use return_indices=False")
+    k = _pair(m.kernel_size)
+    s = _pair(m.stride if m.stride is not None else m.kernel_size)
+    p = _pair(m.padding)
+    d = _pair(getattr(m, "dilation", 1))
+    return tuple(_Window(k[i], s[i], p[i], p[i], d[i], bool(m.ceil_mode)) for i in range(2))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing the trunk into steps
+# --------------------------------------------------------------------------------------------
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx tracer that keeps every layer the engine reasons about as one leaf."""
+
+    def __init__(self, leaves: tuple[type, ...]):
+        super().__init__()
+        self._leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+
+def _leaf_types() -> tuple[type, ...]:
+    return (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, *_POINTWISE_MODULES, *_DROPOUTS, *_BATCH_NORMS,
+            *_frozen_norm_types(), *(t for t, _ in _REFUSED))
+
+
+@dataclass
+class _Analysis:
+    """The traced trunk as plain data: steps in topological order, the output
+    step, and the names of modules whose mode must be checked at every call."""
+
+    steps: list[_Step]
+    output: str
+    mode_checked: list[str]
+
+    def axes(self) -> tuple[_Axis, _Axis]:
+        geo: dict[str, tuple[_Axis, _Axis] | None] = {}
+        for st in self.steps:
+            if st.kind == "input":
+                geo[st.name] = (_Axis(1, 0, 0), _Axis(1, 0, 0))
+            elif st.kind == "const":
+                geo[st.name] = None
+            elif st.kind == "window":
+                g = geo[st.inputs[0]]
+                assert g is not None and st.windows is not None
+                geo[st.name] = (g[0].then(st.windows[0]), g[1].then(st.windows[1]))
+            else:  # merge: union of the operands' input intervals
+                gs = [geo[i] for i in st.inputs if geo[i] is not None]
+                out = []
+                for ax in range(2):
+                    strides = {g[ax].stride for g in gs}  # type: ignore[index]
+                    if len(strides) != 1:
+                        raise ConfigError(f"cannot stream node '{st.name}': it combines feature maps of different "
+                                          f"strides {sorted(strides)}")
+                    out.append(_Axis(strides.pop(), min(g[ax].lo for g in gs), max(g[ax].hi for g in gs)))  # type: ignore[index]
+                geo[st.name] = (out[0], out[1])
+        g = geo[self.output]
+        assert g is not None
+        return g
+
+    def sizes(self, h: int, w: int) -> tuple[int, int]:
+        """Output (rows, cols) of the trunk for an (h, w) input, or (0, 0) if too small."""
+        size: dict[str, tuple[int, int] | None] = {}
+        for st in self.steps:
+            if st.kind == "input":
+                size[st.name] = (h, w)
+            elif st.kind == "const":
+                size[st.name] = None
+            elif st.kind == "window":
+                src = size[st.inputs[0]]
+                assert src is not None and st.windows is not None
+                size[st.name] = (st.windows[0].out_size(src[0]), st.windows[1].out_size(src[1]))
+            else:
+                shapes = {size[i] for i in st.inputs if size[i] is not None}
+                if len(shapes) != 1:
+                    raise ConfigError(f"cannot stream node '{st.name}' for a {h}x{w} input: it combines feature "
+                                      f"maps of sizes {sorted(shapes)}")  # type: ignore[type-var]
+                size[st.name] = shapes.pop()
+            s = size[st.name]
+            if s is not None and min(s) < 1:
+                return (0, 0)
+        out = size[self.output]
+        assert out is not None
+        return out
+
+
+def _analyse(trunk: nn.Module) -> _Analysis:
+    """Trace ``trunk`` and translate every node into a :class:`_Step`, refusing
+    anything whose output at a pixel is not a function of a fixed window."""
+    root = trunk
+    leaves = _leaf_types()
+    if isinstance(trunk, leaves):  # a single layer: trace it as a one-layer sequence
+        root = nn.Sequential(trunk)
+    try:
+        graph = _Tracer(leaves).trace(root)
+    except Exception as exc:  # fx raises many types for untraceable Python
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"cannot stream {type(trunk).__name__}: torch.fx could not trace it ({msg}); "
+                          f"streamed trunks must be traceable (no data-dependent Python control flow)") from None
+    steps: list[_Step] = []
+    spatial: set[str] = set()
+    mode_checked: list[str] = []
+    output = None
+    seen_input = False
+    frozen = _frozen_norm_types()
+
+    def spatial_args(args: Any) -> list[str]:
+        found: list[str] = []
+        torch.fx.node.map_arg(args, lambda n: found.append(n.name) if n.name in spatial else None)
+        return found
+
+    for node in graph.nodes:
+        if node.op == "output":
+            outs = spatial_args(node.args)
+            if len(outs) != 1 or not isinstance(node.args[0], torch.fx.Node):
+                raise ConfigError(f"cannot stream {type(trunk).__name__}: it must return one feature map tensor")
+            output = node.args[0].name
+            continue
+        if node.op == "placeholder":
+            if not seen_input:
+                seen_input = True
+                steps.append(_Step(node.name, "input"))
+                spatial.add(node.name)
+            else:
+                steps.append(_Step(node.name, "const"))
+            continue
+        if node.op == "get_attr":
+            value = _fetch_attr(root, node.target)
+            if isinstance(value, torch.Tensor) and value.dim() >= 3 and tuple(value.shape[-2:]) != (1, 1):
+                raise ConfigError(f"cannot stream {type(trunk).__name__}: tensor '{node.target}' of shape "
+                                  f"{tuple(value.shape)} has a spatial extent and would not tile")
+            steps.append(_Step(node.name, "const"))
+            continue
+        sp = spatial_args((node.args, node.kwargs))
+        if not sp:  # depends on parameters/constants only (e.g. a frozen norm's scale)
+            steps.append(_Step(node.name, "const"))
+            continue
+        spatial.add(node.name)
+        if node.op == "call_module":
+            mod = root.get_submodule(node.target)
+            label = f"'{node.target}' ({type(mod).__name__})"
+            if len(sp) != 1:
+                raise ConfigError(f"cannot stream layer {label}: it takes several feature maps")
+            if isinstance(mod, nn.Conv2d):
+                steps.append(_Step(node.name, "window", tuple(sp), _conv_windows(mod, node.target)))
+            elif isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
+                steps.append(_Step(node.name, "window", tuple(sp), _pool_windows(mod, node.target)))
+            elif isinstance(mod, _BATCH_NORMS):
+                if not mod.track_running_stats:
+                    raise ConfigError(f"cannot stream layer {label}: batch norm without running statistics uses "
+                                      f"batch statistics; freeze it (milbench.models.norms.freeze_batch_norms)")
+                mode_checked.append(node.target)
+                steps.append(_Step(node.name, "merge", tuple(sp)))
+            elif isinstance(mod, _DROPOUTS):
+                mode_checked.append(node.target)
+                steps.append(_Step(node.name, "merge", tuple(sp)))
+            elif isinstance(mod, frozen) or isinstance(mod, tuple(_POINTWISE_MODULES)):
+                steps.append(_Step(node.name, "merge", tuple(sp)))
+            else:
+                for cls, why in _REFUSED:
+                    if isinstance(mod, cls):
+                        raise ConfigError(f"cannot stream layer {label}: {why}")
+                raise ConfigError(
+                    f"cannot stream layer {label}: not a layer the streaming engine knows; streamable layers are "
+                    f"Conv2d, MaxPool2d, AvgPool2d, frozen/eval batch norm and point-wise activations "
+                    f"(declare others with milbench.models.streaming.register_pointwise)")
+        elif node.op == "call_function":
+            if node.target is torch.cat or node.target is torch.concat:
+                dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+                if dim in (2, 3, -1, -2):
+                    raise ConfigError(f"cannot stream node '{node.name}': it concatenates along a spatial axis")
+                steps.append(_Step(node.name, "merge", tuple(sp)))
+            elif node.target in _POINTWISE_FUNCTIONS:
+                steps.append(_Step(node.name, "merge", tuple(sp)))
+            else:
+                fname = getattr(node.target, "__name__", str(node.target))
+                raise ConfigError(f"cannot stream node '{node.name}': function '{fname}' on a feature map is not "
+                                  f"known to be point-wise in space (use nn.Module layers the engine knows)")
+        elif node.op == "call_method":
+            if node.target not in _POINTWISE_METHODS:
+                raise ConfigError(f"cannot stream node '{node.name}': tensor method '.{node.target}()' on a feature "
+                                  f"map is not known to be point-wise in space")
+            steps.append(_Step(node.name, "merge", tuple(sp)))
+        else:  # pragma: no cover - fx has no other ops
+            raise ConfigError(f"cannot stream node '{node.name}' (op {node.op})")
+    if output is None or not seen_input:
+        raise ConfigError(f"cannot stream {type(trunk).__name__}: it takes no input or returns nothing")
+    if root is not trunk:  # names traced inside the wrapping Sequential: '0' is the trunk itself
+        mode_checked = ["" if n == "0" else n[2:] for n in mode_checked]
+    return _Analysis(steps, output, mode_checked)
+
+
+def _fetch_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry and tiles
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a trunk's outputs come from, per axis (rows, cols).
+
+    Output position ``o`` reads input pixels ``[o*stride + lo, o*stride + hi]``
+    (``lo`` is usually negative: padding). ``receptive_field = hi - lo + 1``;
+    ``margin_before = -lo`` and ``margin_after = hi - stride + 1`` are the
+    context a tile needs around the ``stride``-px cell it is responsible for;
+    ``min_tile_size`` is the smallest tile side that still makes progress in
+    the image interior.
+    """
+
+    stride: tuple[int, int]
+    lo: tuple[int, int]
+    hi: tuple[int, int]
+    _analysis: _Analysis
+
+    @property
+    def receptive_field(self) -> tuple[int, int]:
+        return (self.hi[0] - self.lo[0] + 1, self.hi[1] - self.lo[1] + 1)
+
+    @property
+    def margin_before(self) -> tuple[int, int]:
+        return (-self.lo[0], -self.lo[1])
+
+    @property
+    def margin_after(self) -> tuple[int, int]:
+        return (self.hi[0] - self.stride[0] + 1, self.hi[1] - self.stride[1] + 1)
+
+    @property
+    def min_tile_size(self) -> int:
+        return max(_min_tile(self.stride[i], self.lo[i], self.hi[i]) for i in range(2))
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """Feature-map (rows, cols) for an (h, w) image; ConfigError if too small."""
+        out = self._analysis.sizes(h, w)
+        if min(out) < 1:
+            raise ConfigError(f"image {h}x{w} is too small for this trunk (stride {self.stride}, receptive field "
+                              f"{self.receptive_field}); it yields no feature-map position")
+        return out
+
+
+def _min_tile(s: int, lo: int, hi: int) -> int:
+    return s * (-(-(hi + 1) // s)) - s * (lo // s)
+
+
+def geometry(trunk: nn.Module) -> Geometry:
+    """Stride, receptive field and tile margins of a trunk, computed from its
+    layers (not measured), plus its output size for any input size."""
+    analysis = _analyse(trunk)
+    rows, cols = analysis.axes()
+    return Geometry((rows.stride, cols.stride), (rows.lo, cols.lo), (rows.hi, cols.hi), analysis)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: the input pixels it reads and the outputs it is responsible for.
+
+    ``rows``/``cols`` slice the image; ``out_rows``/``out_cols`` slice the
+    stitched feature map; ``local_rows``/``local_cols`` slice the tile's own
+    output to the same positions.
+    """
+
+    rows: slice
+    cols: slice
+    out_rows: slice
+    out_cols: slice
+    local_rows: slice
+    local_cols: slice
+
+
+def _plan_axis(n: int, n_out: int, s: int, lo: int, hi: int, tile: int, axis: str) -> list[tuple[int, int, int, int]]:
+    """Cut one axis into (x0, x1, o0, o1): input [x0, x1) gives exact outputs [o0, o1).
+
+    Greedy from the start. ``x0`` is a multiple of the stride (tile positions
+    line up with whole-image positions); each tile extends far enough past its
+    last output for that output's input interval, rounded up to a multiple of
+    the stride (so every tile has the size pattern of the whole image), and is
+    at most ``tile`` pixels long unless it can end on the image border.
+    """
+    if n <= tile:
+        return [(0, n, 0, n_out)]
+    cap = (tile // s) * s
+    parts = []
+    o0 = 0
+    while o0 < n_out:
+        x0 = max(0, ((o0 * s + lo) // s) * s)
+        if n - x0 <= tile:
+            parts.append((x0, n, o0, n_out))
+            break
+        o1 = min(n_out, (x0 + cap - hi - 1) // s + 1)
+        if o1 <= o0:
+            raise ConfigError(
+                f"tile_size {tile} is too small for this trunk along the {axis}: a tile must be at least "
+                f"{_min_tile(s, lo, hi)} px (receptive field {hi - lo + 1} px, stride {s}), and several times "
+                f"the receptive field to be efficient")
+        need = (o1 - 1) * s + hi + 1
+        x1 = min(n, x0 + -(-(need - x0) // s) * s)
+        parts.append((x0, x1, o0, o1))
+        o0 = o1
+    return parts
+
+
+def plan_tiles(geo: Geometry, h: int, w: int, tile_size: int) -> list[Tile]:
+    """The tiles that stream an (h, w) image: a row-major list covering the
+    whole feature map exactly once. One tile when the image fits in one."""
+    if tile_size < 1:
+        raise ConfigError(f"bad tile_size {tile_size}: must be a positive number of pixels")
+    ho, wo = geo.output_size(h, w)
+    ys = _plan_axis(h, ho, geo.stride[0], geo.lo[0], geo.hi[0], tile_size, "rows")
+    xs = _plan_axis(w, wo, geo.stride[1], geo.lo[1], geo.hi[1], tile_size, "columns")
+    tiles = []
+    for y0, y1, oy0, oy1 in ys:
+        for x0, x1, ox0, ox1 in xs:
+            ly, lx = oy0 - y0 // geo.stride[0], ox0 - x0 // geo.stride[1]
+            tiles.append(Tile(slice(y0, y1), slice(x0, x1), slice(oy0, oy1), slice(ox0, ox1),
+                              slice(ly, ly + oy1 - oy0), slice(lx, lx + ox1 - ox0)))
+    return tiles
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+
+class StreamingTrunk(nn.Module):
+    """A CNN trunk that can run tile by tile with exact results.
+
+    ``forward`` is the plain whole-image pass with autograd (the reference);
+    :meth:`forward_streamed` computes the same feature map tile by tile without
+    autograd; :meth:`backward_streamed` takes ``dL/dF`` for that map and adds
+    the exact parameter gradients to ``.grad`` (and returns ``dL/dimage`` when
+    asked), recomputing one tile at a time. ``tile_size`` is the tile side in
+    pixels; a tile at least as large as the image is one plain pass.
+    """
+
+    def __init__(self, trunk: nn.Module, tile_size: int):
+        super().__init__()
+        if int(tile_size) < 1:
+            raise ConfigError(f"bad tile_size {tile_size}: must be a positive number of pixels")
+        self.trunk = trunk
+        self.tile_size = int(tile_size)
+        self.geometry = geometry(trunk)
+        self.check_modes()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain, non-streamed pass (autograd as usual)."""
+        return self.trunk(x)
+
+    def check_modes(self) -> None:
+        """Refuse a trunk whose norms/dropout are in a batch- or chance-dependent mode now."""
+        for name in self.geometry._analysis.mode_checked:
+            m = self.trunk.get_submodule(name) if name else self.trunk
+            label = f"'{name}' ({type(m).__name__})" if name else f"({type(m).__name__})"
+            if isinstance(m, _BATCH_NORMS) and m.training:
+                raise ConfigError(
+                    f"cannot stream layer {label}: batch norm in training mode normalises by the statistics of "
+                    f"each tile, not the image; freeze it (milbench.models.norms.freeze_batch_norms) or call eval()")
+            if isinstance(m, _DROPOUTS) and m.training and m.p > 0:
+                raise ConfigError(f"cannot stream layer {label}: dropout in training mode draws a different mask per "
+                                  f"tile and pass; set p=0 or call eval() on the trunk")
+
+    def tiles(self, h: int, w: int) -> list[Tile]:
+        """The tile plan for an (h, w) image with this trunk and tile size."""
+        return plan_tiles(self.geometry, h, w, self.tile_size)
+
+    @staticmethod
+    def _batched(image: torch.Tensor) -> torch.Tensor:
+        if image.dim() == 3:
+            return image.unsqueeze(0)
+        if image.dim() != 4:
+            raise ValueError(f"expected an image (C, H, W) or a batch (N, C, H, W), got shape {tuple(image.shape)}")
+        return image
+
+    def _iter(self, x: torch.Tensor) -> Iterator[tuple[Tile, torch.Tensor]]:
+        for t in self.tiles(x.shape[-2], x.shape[-1]):
+            yield t, x[..., t.rows, t.cols]
+
+    @staticmethod
+    def _local(t: Tile, out: torch.Tensor) -> torch.Tensor:
+        if out.dim() != 4 or out.shape[-2] < t.local_rows.stop or out.shape[-1] < t.local_cols.stop:
+            raise RuntimeError(f"streaming engine: tile output {tuple(out.shape)} does not hold the positions "
+                               f"{t.local_rows}, {t.local_cols} its geometry promises (a bug, please report it)")
+        return out[..., t.local_rows, t.local_cols]
+
+    def forward_streamed(self, image: torch.Tensor) -> torch.Tensor:
+        """The trunk's feature map of ``image`` computed tile by tile, without
+        autograd; equal to ``trunk(image)`` to float rounding. A (C, H, W)
+        image gives (C', H', W'), a batch (N, C, H, W) gives (N, C', H', W')."""
+        self.check_modes()
+        x = self._batched(image)
+        ho, wo = self.geometry.output_size(x.shape[-2], x.shape[-1])
+        out: torch.Tensor | None = None
+        with torch.no_grad():
+            for t, xt in self._iter(x):
+                y = self._local(t, self.trunk(xt))
+                if out is None:
+                    out = y.new_empty((y.shape[0], y.shape[1], ho, wo))
+                out[..., t.out_rows, t.out_cols] = y
+        assert out is not None
+        return out[0] if image.dim() == 3 else out
+
+    def backward_streamed(self, image: torch.Tensor, grad_features: torch.Tensor,
+                          input_grad: bool = False) -> torch.Tensor | None:
+        """Back-propagate ``grad_features`` (dL/dF for the streamed feature map)
+        through the trunk one tile at a time.
+
+        Adds the parameter gradients to ``.grad`` of every trunk parameter that
+        requires grad (exactly what ``trunk(image).backward(grad_features)``
+        would add) and returns dL/dimage when ``input_grad`` is true, else None.
+        With no trainable trunk parameter and no input gradient asked it does
+        nothing (a frozen trunk costs no backward).
+        """
+        self.check_modes()
+        x = self._batched(image).detach()
+        g = self._batched(grad_features) if image.dim() == 4 else grad_features.unsqueeze(0)
+        ho, wo = self.geometry.output_size(x.shape[-2], x.shape[-1])
+        if g.shape[0] != x.shape[0] or tuple(g.shape[-2:]) != (ho, wo):
+            raise ValueError(f"grad_features has shape {tuple(grad_features.shape)}; the streamed feature map of "
+                             f"this image has {ho}x{wo} positions")
+        trainable = any(p.requires_grad for p in self.trunk.parameters())
+        if not trainable and not input_grad:
+            return None
+        grad_in = torch.zeros_like(x) if input_grad else None
+        with torch.enable_grad():
+            for t, xt in self._iter(x):
+                if input_grad:
+                    xt = xt.detach().requires_grad_(True)
+                y = self._local(t, self.trunk(xt))
+                torch.autograd.backward(y, g[..., t.out_rows, t.out_cols].to(y.dtype))
+                if grad_in is not None:
+                    assert xt.grad is not None
+                    grad_in[..., t.rows, t.cols] += xt.grad
+                del y
+        if grad_in is None:
+            return None
+        return grad_in[0] if image.dim() == 3 else grad_in
+
+
+def streamed_forward_backward(stream: StreamingTrunk, image: torch.Tensor,
+                              head_fn: Callable[[torch.Tensor], torch.Tensor],
+                              train_trunk: bool = True) -> torch.Tensor:
+    """One streamed training step for a trunk followed by a head.
+
+    Streams the forward pass, makes the feature map a leaf that requires grad,
+    calls ``head_fn(features)`` for a scalar loss and back-propagates it (head
+    gradients land in ``.grad``), then streams dL/dF back through the trunk
+    (skipped when ``train_trunk`` is false, e.g. while the trunk is frozen).
+    Returns the detached loss.
+    """
+    feats = stream.forward_streamed(image).detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = head_fn(feats)
+        if loss.dim() != 0:
+            raise ValueError(f"head_fn must return a scalar loss, got shape {tuple(loss.shape)}")
+        loss.backward()
+    if train_trunk and feats.grad is not None:
+        stream.backward_streamed(image, feats.grad)
+    return loss.detach()
+
+
+def describe(geo: Geometry, h: int, w: int, tile_size: int) -> dict[str, Any]:
+    """A small summary of how an (h, w) image streams: tile count and the
+    recomputation factor (input pixels read per image pixel), for logs and records."""
+    tiles = plan_tiles(geo, h, w, tile_size)
+    read = sum((t.rows.stop - t.rows.start) * (t.cols.stop - t.cols.start) for t in tiles)
+    return {"tiles": len(tiles), "stride": list(geo.stride), "receptive_field": list(geo.receptive_field),
+            "min_tile_size": geo.min_tile_size, "overlap_factor": round(read / float(h * w), 4)}
+

@@ -1,0 +1,52 @@
+"""Shared test fixtures: the real data root, CLI invocation in a subprocess,
+and an isolated results directory.
+
+Tests read the real data in ``../shared/data`` (``MILBENCH_DATA_ROOT``); where
+it is absent, tests that need it skip with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("MILBENCH_DATA_ROOT") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry(monkeypatch):
+    """Each test sees the plugin registry its own environment selects."""
+    from milbench.plugins import reset_registry
+
+    reset_registry()
+    yield
+    reset_registry()
+
+
+@pytest.fixture
+def data_root() -> Path:
+    if not (SHARED_DATA / "MNIST").exists():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set MILBENCH_DATA_ROOT)")
+    return SHARED_DATA
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: str | Path | None = None):
+    """Run ``python -m milbench ARGS`` in a subprocess; return CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "milbench", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd)
+
+
+def records_in(directory: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))]
+
+
+@pytest.fixture
+def cli():
+    return run_cli

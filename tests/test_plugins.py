@@ -1,0 +1,134 @@
+"""Plugin loading: third-party packages through real entry points, broken
+plugins isolated and reported, duplicates named, MILBENCH_PLUGINS filtering."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import records_in, run_cli
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BUILTINS = "abmil,qmnist"
+
+
+def make_dist(site: Path, dist: str, entry_points: dict[str, str], modules: list[Path]) -> Path:
+    """Lay out an installed distribution (``*.dist-info`` with entry_points.txt),
+    exactly what pip writes, so importlib.metadata finds its entry points."""
+    site.mkdir(parents=True, exist_ok=True)
+    info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[milbench]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+    for m in modules:
+        shutil.copy(m, site / m.name)
+    return site
+
+
+@pytest.fixture(scope="module")
+def thirdparty_site(tmp_path_factory) -> Path:
+    """pip-install the example third-party plugin into a private target dir."""
+    target = tmp_path_factory.mktemp("site")
+    src = tmp_path_factory.mktemp("src") / "pkg"
+    shutil.copytree(FIXTURES / "thirdparty_plugin", src)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                           "--no-build-isolation", "--target", str(target), str(src)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert list(target.glob("milbench_meanpool-0.2.0.dist-info/entry_points.txt"))
+    return target
+
+
+@pytest.fixture
+def broken_site(tmp_path) -> Path:
+    mods = sorted((FIXTURES / "broken_plugins").glob("*.py"))
+    return make_dist(tmp_path / "broken", "milbench-broken",
+                     {"bad-import": "bad_import", "bad-hook": "bad_hook", "dup-abmil": "dup_abmil",
+                      "crash": "crash_method"}, mods)
+
+
+def test_thirdparty_plugin_lists_runs_and_reports(thirdparty_site, tmp_path):
+    env = {"PYTHONPATH": str(thirdparty_site), "MILBENCH_PLUGINS": f"{BUILTINS},meanpool"}
+    listed = run_cli("list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "meanpool" in listed.stdout
+    plugins = run_cli("plugins", env=env)
+    assert "milbench-meanpool" in plugins.stdout and "0.2.0" in plugins.stdout
+    results = tmp_path / "res"
+    run = run_cli("run", "-m", "meanpool", "-d", "qmnist", "--smoke", "--results", str(results), env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    (rec,) = records_in(results)
+    assert rec["status"] == "ok" and rec["method"] == "meanpool" and rec["smoke"] is True
+    assert 0.0 <= rec["metrics"]["bag_auc"] <= 1.0
+    rep = run_cli("report", "--results", str(results), "--include-smoke", "--format", "csv", env=env)
+    assert rep.returncode == 0, rep.stderr
+    assert "meanpool" in rep.stdout
+
+
+def test_broken_plugins_are_isolated_and_reported(broken_site, tmp_path):
+    env = {"PYTHONPATH": str(broken_site), "MILBENCH_PLUGINS": f"{BUILTINS},bad-import,bad-hook,dup-abmil,crash"}
+    out = run_cli("plugins", env=env)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "bad-import" in text and "bad-hook" in text
+    assert text.count("broken") >= 2 and "conflict" in text
+    listed = run_cli("list", env=env)
+    assert listed.returncode == 0
+    warnings = [l for l in listed.stderr.splitlines() if "warning" in l]
+    assert any("bad-import" in w and "half-written" in w for w in warnings)
+    assert any("bad-hook" in w and "hook exploded" in w for w in warnings)
+    assert "Traceback" not in listed.stderr
+    # the healthy plugins still run
+    res = run_cli("run", "-m", "crash-mid-training", "-d", "qmnist", "--smoke", "--results", str(tmp_path), env=env)
+    assert res.returncode == 1
+    (rec,) = records_in(tmp_path)
+    assert rec["status"] == "failed" and "diverged on bag 2" in rec["error"]
+
+
+def test_duplicate_name_is_an_error_naming_both(broken_site, tmp_path):
+    env = {"PYTHONPATH": str(broken_site), "MILBENCH_PLUGINS": f"{BUILTINS},dup-abmil"}
+    res = run_cli("run", "-m", "abmil", "-d", "qmnist", "--smoke", "--results", str(tmp_path), env=env)
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()[-1]
+    assert "'abmil'" in err and "'dup-abmil'" in err and "Traceback" not in res.stderr
+
+
+def test_env_filter_limits_plugins(monkeypatch):
+    from milbench.plugins import load_registry
+
+    monkeypatch.setenv("MILBENCH_PLUGINS", "qmnist")
+    reg = load_registry()
+    assert [p.name for p in reg.plugins] == ["qmnist"]
+    assert "abmil" not in reg.methods and "qmnist" in reg.datasets
+    monkeypatch.setenv("MILBENCH_PLUGINS", "-qmnist")
+    reg = load_registry()
+    assert "qmnist" not in reg.datasets and "abmil" in reg.methods
+
+
+def test_builtins_registered_through_entry_points():
+    from importlib import metadata
+
+    eps = {e.name: e.value for e in metadata.entry_points(group="milbench")}
+    assert eps["abmil"] == "milbench_plugins.abmil" and eps["qmnist"] == "milbench_plugins.qmnist"
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from milbench.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NOTORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().endswith("NOTORCH"), out.stdout + out.stderr
+    assert "run" in out.stdout and "report" in out.stdout
+
+
+def test_readme_plugin_example_is_the_tested_one():
+    """The README's third-party example is this test's fixture, verbatim."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    module = (FIXTURES / "thirdparty_plugin" / "milbench_meanpool.py").read_text().strip()
+    assert module in readme
