@@ -34,6 +34,10 @@ def _locate(data_root: str | None) -> tuple[str, list[tuple[Path, Path]], list[s
     from milbench.data.roots import candidate_roots
 
     looked = []
+    if data_root is not None and not Path(data_root).expanduser().is_dir():
+        from milbench.errors import DataError
+
+        raise DataError(f"data root {data_root} does not exist; pass an existing folder to --data-root")
     for root in candidate_roots(data_root):
         for sub, pairs in (("QMNIST/raw", _QMNIST), ("MNIST/raw", _MNIST)):
             folder = root / sub
@@ -42,6 +46,12 @@ def _locate(data_root: str | None) -> tuple[str, list[tuple[Path, Path]], list[s
             found = [(i, l) for i, l in found if i and l]
             if found:
                 return ("qmnist" if sub.startswith("QMNIST") else "mnist"), found, looked
+        if data_root is not None and root == Path(data_root).expanduser():
+            from milbench.errors import DataError
+
+            raise DataError(f"no QMNIST or MNIST files under --data-root {data_root} (looked in {root}/QMNIST/raw "
+                            f"and {root}/MNIST/raw); run '{_FETCH} --data-root {data_root}' or omit --data-root "
+                            f"to use the embedded sample")
     embedded = [(find_file(EMBEDDED, i), find_file(EMBEDDED, l)) for i, l in _MNIST[1:]]
     looked.append(str(EMBEDDED))
     return "sample", [(i, l) for i, l in embedded if i and l], looked
@@ -70,7 +80,12 @@ class QMNISTBags(Dataset):
     smoke = {"bag_size": 8, "n_train_bags": 8, "n_val_bags": 4, "n_test_bags": 8}
 
     def status(self, data_root: str | None) -> DataStatus:
-        source, files, looked = _locate(data_root)
+        from milbench.errors import DataError
+
+        try:
+            source, files, looked = _locate(data_root)
+        except DataError as exc:
+            return DataStatus(self.name, False, False, data_root, "missing", str(exc), [str(data_root)], _FETCH)
         n = 0
         for img, _ in files:
             n += 60000 if "train" in img.name else (60000 if source == "qmnist" else 10000)
