@@ -187,6 +187,7 @@ def main(spec_path: str, result_path: str) -> int:
         from milbench.errors import MilbenchError
 
         result["error"] = str(exc) if isinstance(exc, MilbenchError) else _one_line(exc)
+        result["error_kind"] = "input" if isinstance(exc, MilbenchError) else "crash"
         result["traceback"] = None if isinstance(exc, MilbenchError) else traceback.format_exc(limit=20)
         code = 1
     finally:

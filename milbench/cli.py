@@ -93,8 +93,13 @@ def main(argv: list[str] | None = None) -> Any:
     except MilbenchError as exc:
         click.echo(f"milbench: error: {exc}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("milbench: aborted", err=True)
+    except click.exceptions.Abort as exc:
+        cause = exc.__cause__ or exc.__context__
+        record = getattr(cause, "record", None)
+        if record is not None:  # a run was stopped; its record was written
+            click.echo(f"milbench: interrupted: {record.get('error')} (record {record['run_id']})", err=True)
+        else:
+            click.echo("milbench: interrupted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
         click.echo("milbench: interrupted", err=True)

@@ -8,6 +8,9 @@
 - ``milbench data download NAME`` fetches the official files (network needed);
   offline it fails with one line that says what to download by hand.
 
+Bad input and missing or unreachable data raise :class:`MilbenchError`, which
+``milbench``'s entry point prints as one line (exit status 2), like every command.
+
 Datasets come from :func:`milbench.plugins.get_registry` (a test may hand in its
 own registry as ``obj={"registry": reg}``). Nothing here imports torch at module
 import time; the datasets' own checks import it when they decode images.
@@ -25,7 +28,7 @@ from typing import Any, Callable
 
 import click
 
-from milbench.errors import MilbenchError
+from milbench.errors import DataError, MilbenchError
 
 _STATE_STYLE = {"full": ("complete", "green"), "partial": ("partial", "yellow"),
                 "sample": ("sample only", "cyan"), "missing": ("missing", "red"), "error": ("error", "red")}
@@ -167,10 +170,7 @@ def verify_cmd(ctx: click.Context, name: str | None, data_root: str | None, quic
     """
     registry = _registry(ctx)
     root = _data_root(ctx, data_root)
-    try:
-        targets = [(name, registry.dataset(name))] if name else sorted(registry.datasets.items())
-    except MilbenchError as exc:
-        raise click.ClickException(_one_line(exc)) from None
+    targets = [(name, registry.dataset(name))] if name else sorted(registry.datasets.items())
     failed = False
     for ds_name, ds in targets:
         row = _status_row(ds_name, ds, root)
@@ -208,17 +208,13 @@ def download_cmd(ctx: click.Context, name: str, data_root: str | None, variant: 
 
     registry = _registry(ctx)
     root = download_root(_data_root(ctx, data_root))
+    ds = registry.dataset(name)
+    if variant is not None and "variant" not in inspect.signature(ds.download).parameters:
+        raise DataError(f"dataset '{name}' has no --variant choice for download")
+    click.echo(f"downloading {name}{' ' + variant if variant else ''} into {root} ...", err=True)
     try:
-        ds = registry.dataset(name)
-        if variant is not None and "variant" not in inspect.signature(ds.download).parameters:
-            raise click.ClickException(f"dataset '{name}' has no --variant choice for download")
-        click.echo(f"downloading {name}{' ' + variant if variant else ''} into {root} ...", err=True)
         _call(ds.download, str(root), variant=variant)
-        row = _status_row(name, ds, str(root))
-    except click.ClickException:
-        raise
-    except MilbenchError as exc:
-        raise click.ClickException(_one_line(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"could not download {name} into {root}: {_one_line(exc)}") from None
+    except OSError as exc:  # a plugin that lets a file-system error escape still gets one line
+        raise DataError(f"could not download {name} into {root}: {_one_line(exc)}") from None
+    row = _status_row(name, ds, str(root))
     click.echo(f"{name}: {row['detail']} [{row['root'] or root}]")

@@ -142,15 +142,13 @@ class SubmititExecutor:
                  array_parallelism: int | None = None, sbatch: Mapping[str, str] | None = None,
                  setup: Sequence[str] = (), signal_delay_s: int | None = None, job_name: str = "milbench") -> None:
         submitit = require("slurm")
-        if cluster not in ("slurm", "local", "debug"):
-            raise MilbenchError(f"unknown submitit cluster '{cluster}'; valid: slurm, local, debug")
+        if cluster not in ("slurm", "local"):
+            raise MilbenchError(f"unknown submitit cluster '{cluster}'; valid: slurm, local")
         if cluster == "slurm" and shutil.which("sbatch") is None:
             raise MilbenchError("--executor slurm: 'sbatch' is not on PATH (run the sweep on a SLURM login node, "
                                 "or use --slurm-cluster local to try the job array on this machine)")
         self.cluster = cluster
         self.folder = Path(folder)
-        self._submitit = submitit
-        self._ex = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=cluster)
         self.time_limit_s = time_min * 60 if time_min else None
         params: dict[str, Any] = {"name": job_name, "gpus_per_node": int(gpus)}
         if cpus:
@@ -158,18 +156,15 @@ class SubmititExecutor:
         if mem_gb:
             params["mem_gb"] = float(mem_gb)
         if cluster == "slurm":
+            self._ex = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster="slurm")
             if time_min:
                 params["timeout_min"] = int(math.ceil(time_min))
             params.update(slurm_partition=partition, slurm_array_parallelism=array_parallelism,
                           slurm_additional_parameters=dict(sbatch or {}) or None,
                           slurm_setup=list(setup) or None, slurm_signal_delay_s=signal_delay_s)
-        elif cluster == "local":
-            if time_min:
-                params["local_timeout_min"] = float(time_min)
-            if signal_delay_s is not None:
-                params["local_signal_delay_s"] = int(signal_delay_s)
-            if setup:
-                params["local_setup"] = list(setup)
+        else:  # the same jobs as local processes, with submitit's own timeout/USR2 controller
+            self._ex = submitit.LocalExecutor(folder=str(self.folder / "%j"))
+            params.update(timeout_min=time_min, signal_delay_s=signal_delay_s, setup=list(setup) or None)
         self._ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
         # submitit's local cluster starts every job at once; throttle it to the array parallelism
         self._throttle = array_parallelism if cluster != "slurm" else None

@@ -229,7 +229,8 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
                 child = json.loads(result_path.read_text())
             except ValueError:
                 child = {}
-    for key in ("metrics", "timing", "memory", "history", "data", "error", "traceback", "best_epoch", "artifacts"):
+    for key in ("metrics", "timing", "memory", "history", "data", "error", "error_kind", "traceback", "best_epoch",
+                "artifacts"):
         if child.get(key) is not None:
             record[key] = child[key]
     record["environment"] = {**host_environment(), **(child.get("environment") or {})}

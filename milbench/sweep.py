@@ -43,7 +43,7 @@ RECORDED_STATUSES = ("ok", "failed", "oom", "timeout", "preempted")
 RETRY_STATUSES = ("timeout", "preempted")
 
 SWEEPS_DIR = "sweeps"        # manifests (JSON with "kind": "sweep"; iter_records skips them)
-MARKERS_DIR = ".sweep-running"  # one empty file per point being run right now (for progress)
+MARKERS_DIR = ".sweep-running"  # one file per point being run right now, holding the worker's pid (progress)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -333,7 +333,7 @@ def run_point(task: PointTask) -> dict[str, Any]:
     try:
         if marker is not None:
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+            marker.write_text(f"{os.getpid()}\n")  # the worker's pid: what a scheduler signals
     except OSError:
         marker = None  # progress display only; never a reason to fail a point
     try:

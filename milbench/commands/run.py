@@ -31,6 +31,15 @@ def summary_line(rec: dict) -> str:
     return line
 
 
+def check_data_root(data_root: str | None) -> None:
+    """An explicit ``--data-root`` must exist (a typo must not silently fall back to the sample)."""
+    from pathlib import Path
+
+    if data_root is not None and not Path(data_root).expanduser().is_dir():
+        raise MilbenchError(f"data root {data_root} does not exist; pass an existing folder to --data-root "
+                            f"(or omit it to use $MILBENCH_DATA_ROOT, ~/.cache/milbench, then the shipped sample)")
+
+
 def common_run_options(f):
     """Options shared by ``run`` and ``sweep``."""
     f = click.option("--results", "results", default=None, help="results directory [$MILBENCH_RESULTS or ./results/runs]")(f)
@@ -65,10 +74,14 @@ def run(method, dataset, seed, preset, overrides, smoke, max_memory, timeout, de
     limit = parse_bytes(max_memory)
     out = results_dir(results)
     ensure_writable(out)
+    check_data_root(data_root)
     click.echo(f"milbench: {plan.method} on {plan.dataset}, preset {plan.preset}, seed {seed}"
                f"{' (smoke)' if smoke else ''}, config {plan.config_hash}", err=True)
     rec = execute(plan, out, device=device, data_root=data_root, timeout=timeout, max_memory=limit)
+    if rec.get("error_kind") == "input":
+        # bad data or config found inside the run: one line, like any bad input (the record is kept)
+        raise MilbenchError(rec["error"])
     click.echo(summary_line(rec))
-    click.echo(f"record: {rec['_record_path'] if '_record_path' in rec else out / (rec['run_id'] + '.json')}")
+    click.echo(f"record: {out / (rec['run_id'] + '.json')}")
     if rec["status"] != "ok":
         raise SystemExit(1)

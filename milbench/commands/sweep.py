@@ -83,7 +83,7 @@ class RichReporter:
               help="shell line run before each job (repeatable), e.g. 'module load cuda'")
 @click.option("--slurm-signal-delay", type=int, default=None,
               help="seconds before the time limit at which SLURM warns the job (USR2), so its record says timeout [90]")
-@click.option("--slurm-cluster", type=click.Choice(["slurm", "local", "debug"]), default="slurm", show_default=True,
+@click.option("--slurm-cluster", type=click.Choice(["slurm", "local"]), default="slurm", show_default=True,
               help="submitit cluster: 'local' runs the same job array as local processes (to try a sweep before the cluster)")
 @click.option("--slurm-folder", default=None, help="submitit job folder (pickles, logs) [RESULTS/.submitit/SWEEP_ID]")
 @click.option("--ray-address", default=None, help="Ray cluster to connect to ('auto', 'ray://host:10001'); none: start a local one")

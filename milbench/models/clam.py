@@ -75,15 +75,21 @@ class _GatedAttention(nn.Module):
 
 class CLAMHead(nn.Module):
     """CLAM-SB: fc -> gated attention over positions -> pooled vector -> bag classifier,
-    plus one 2-way instance classifier per class for the clustering loss."""
+    plus one 2-way instance classifier per class for the clustering loss.
+
+    ``pool`` > 1 max-pools the feature map by that factor first (StreamingCLAM's
+    ``max_pool_kernel``); the attention map then has the pooled shape.
+    """
 
     def __init__(self, in_dim: int, hidden_dim: int = 512, attn_dim: int = 256, n_classes: int = 2,
-                 dropout: float = 0.0, inst_loss: str = "none", inst_k: int = 8):
+                 dropout: float = 0.0, inst_loss: str = "none", inst_k: int = 8, pool: int = 0):
         super().__init__()
         if inst_loss not in INSTANCE_LOSSES:
             raise ConfigError(f"unknown inst_loss '{inst_loss}'; valid: {', '.join(INSTANCE_LOSSES)}")
         if n_classes < 2:
             raise ConfigError(f"bad n_classes {n_classes}: CLAM needs at least 2 classes")
+        # StreamingCLAM's max_pool_kernel: fewer, stronger positions before attention.
+        self.pool = nn.MaxPool2d(pool, ceil_mode=True) if pool > 1 else nn.Identity()
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
         self.attention = _GatedAttention(hidden_dim, attn_dim, dropout)
         self.classifier = nn.Linear(hidden_dim, n_classes)
@@ -101,6 +107,7 @@ class CLAMHead(nn.Module):
             features = features[0]
         if features.dim() != 3:
             raise ValueError(f"expected a feature map (C, h, w), got shape {tuple(features.shape)}")
+        features = self.pool(features)
         c, hh, ww = features.shape
         h = self.fc(features.reshape(c, hh * ww).t())  # (positions, hidden)
         a = torch.softmax(self.attention(h), dim=0)

@@ -1,0 +1,59 @@
+"""``milbench plot``: memory and time against a swept parameter, or the metric/memory trade-off."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--results", "results", default=None, help="results directory (searched recursively)")
+@click.option("--kind", type=click.Choice(["scaling", "tradeoff"]), default="scaling", show_default=True,
+              help="scaling: y metrics against --x; tradeoff: --metric against peak memory")
+@click.option("--x", "x", default="bag_size", show_default=True, help="swept config key on the x axis (scaling)")
+@click.option("--y", "ys", multiple=True,
+              help="y metric per panel (repeatable) [peak_mib, train_s_per_bag]; any report metric works")
+@click.option("--metric", default="bag_auc", show_default=True, help="metric on the y axis (tradeoff)")
+@click.option("--method", "methods", default=None, help="only these methods (comma-separated)")
+@click.option("--dataset", "datasets", default=None, help="only these datasets (comma-separated)")
+@click.option("--preset", "presets", default=None, help="only these presets (comma-separated)")
+@click.option("--include-smoke", is_flag=True, help="include --smoke runs (excluded by default)")
+@click.option("--logx", is_flag=True, help="logarithmic x axis")
+@click.option("--logy", is_flag=True, help="logarithmic y axes (scaling)")
+@click.option("--title", default=None, help="figure title")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="output file; .png, .svg or .pdf [scaling_<x>.png or tradeoff_<metric>.png]")
+def plot(results, kind, x, ys, metric, methods, datasets, presets, include_smoke, logx, logy, title, output):
+    """Draw how peak memory and time per bag scale with a swept parameter
+    (one line per method, out-of-memory points as red ✕), or the metric
+    against peak memory (--kind tradeoff).
+
+    \b
+    Examples:
+      milbench plot --x bag_size --logx -o results/bag_size.png
+      milbench plot --x instance_size --dataset qmnist -o results/instance_size.svg
+      milbench plot --kind tradeoff --metric bag_auc -o results/tradeoff.png
+    """
+    from milbench.errors import MilbenchError
+    from milbench.plotting import save, scaling_figure, tradeoff_figure
+    from milbench.records import results_dir
+    from milbench.report import load_frame
+
+    df = load_frame(str(results_dir(results)), include_smoke)
+    for col, sel in (("method", methods), ("dataset", datasets), ("preset", presets)):
+        if sel and not df.empty:
+            wanted = [s.strip() for s in sel.split(",") if s.strip()]
+            present = sorted(df[col].dropna().unique())
+            missing = [w for w in wanted if w not in present]
+            if missing:
+                raise MilbenchError(f"no records with {col} {', '.join(missing)}; present: {', '.join(present)}")
+            df = df[df[col].isin(wanted)]
+    if kind == "scaling":
+        fig = scaling_figure(df, x, ys or ("peak_mib", "train_s_per_bag"), logx=logx, logy=logy, title=title)
+        out = output or f"scaling_{x}.png"
+    else:
+        fig = tradeoff_figure(df, metric, logx=logx, title=title)
+        out = output or f"tradeoff_{metric}.png"
+    if not str(out).lower().endswith((".png", ".svg", ".pdf")):
+        raise MilbenchError(f"bad --output {out!r}: extension must be .png, .svg or .pdf")
+    path = save(fig, out)
+    click.echo(f"wrote {path}")
