@@ -25,10 +25,12 @@ fails before training and the training time measures training only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tarfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -254,10 +256,18 @@ def resolve_key_class(value: str) -> str:
                       + ", ".join(f"{w} ({n})" for n, w in NAME_TO_WNID.items()))
 
 
-def decode(path: Path, size: int | None) -> "Any":
-    """Decode one image to a uint8 (3, size, size) tensor: RGB (grayscale and CMYK JPEGs are
-    converted), shorter side resized to ``size`` with antialiasing, centre-cropped.
-    A truncated or corrupt file is a one-line :class:`DataError` naming it."""
+@contextlib.contextmanager
+def _quiet_torchvision():
+    """Silence torchvision 0.29's per-call notice that TorchCodec will take over image
+    decoding: the decoder still works, and thousands of identical warnings would drown
+    real ones. Entered once around a batch (from the calling thread), not per image."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
+        yield
+
+
+def _decode(path: Path, size: int | None) -> "Any":
     import torchvision.transforms.v2.functional as F
     from torchvision.io import ImageReadMode, decode_image
 
@@ -276,15 +286,26 @@ def decode(path: Path, size: int | None) -> "Any":
     return x
 
 
+def decode(path: Path, size: int | None) -> "Any":
+    """Decode one image to a uint8 (3, size, size) tensor: RGB (grayscale and CMYK JPEGs are
+    converted), shorter side resized to ``size`` with antialiasing, centre-cropped
+    (``size=None``: as stored). A truncated or corrupt file is a one-line
+    :class:`DataError` naming it and saying how to get a good copy."""
+    with _quiet_torchvision():
+        return _decode(path, size)
+
+
 def decode_many(paths: list[Path], size: int | None) -> list[Any]:
-    """Decode images with a few threads (torchvision releases the GIL while decoding)."""
+    """:func:`decode` over many files with a few threads (the decoder releases the GIL:
+    ~1.7x faster on 2 cores); results keep the order of ``paths``."""
     from concurrent.futures import ThreadPoolExecutor
 
     workers = max(1, min(8, os.cpu_count() or 1))
-    if workers == 1 or len(paths) < 32:
-        return [decode(p, size) for p in paths]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda p: decode(p, size), paths))
+    with _quiet_torchvision():
+        if workers == 1 or len(paths) < 32:
+            return [_decode(p, size) for p in paths]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(lambda p: _decode(p, size), paths))
 
 
 def _seeded(seed: int, stream: int):
@@ -436,11 +457,12 @@ class ImagenetteBags(Dataset):
             files = sorted(r for group in by_dir.values()
                            for r in (rng.choice(group, min(20, len(group)), replace=False)))
         bad_images = []
-        for rel in files:
-            try:
-                decode(lay.path / rel, None)
-            except DataError:
-                bad_images.append(rel)
+        with _quiet_torchvision():
+            for rel in files:
+                try:
+                    _decode(lay.path / rel, None)
+                except DataError:
+                    bad_images.append(rel)
         if bad_images:
             problems.append(f"{lay.path}: {len(bad_images)} of {len(files)} image(s) do not decode, e.g. "
                             f"{', '.join(bad_images[:3])}; re-extract or re-download ('{FETCH}')")
@@ -537,7 +559,7 @@ class ImagenetteBags(Dataset):
             "root": str(layout.root) if layout.root else None,
             "files": str(layout.path),
             "n_files": {s: int(sum(layout.counts[s].values())) for s in SPLITS},
-            "complete": layout.complete,
+            "layout_complete": layout.complete,  # the files of that layout are all there
             "key_class": cfg["key_class"],
             "key_class_name": CLASSES[cfg["key_class"]],
             "split_seed": int(seed),

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from milbench.api import Dataset, DataStatus, hookimpl
 from milbench.data_cli import data_group
-from milbench.errors import DataError
+from milbench.errors import DataError, MilbenchError
 from milbench.plugins import load_registry
 
 DATA = Path(os.environ.get("MILBENCH_DATA_ROOT", "/work/shared/data"))
@@ -161,23 +161,55 @@ def test_verify_reports_corrupt_and_incomplete_files(registry, tmp_path):
     assert "1 of 6 image(s) do not decode" in res.output and bad.name in res.output
 
 
+def one_line_error(res, kind=MilbenchError) -> str:
+    """The MilbenchError a command raised (milbench's entry point prints it as one line)."""
+    assert res.exit_code != 0 and isinstance(res.exception, kind), (res.output, res.exception)
+    msg = str(res.exception)
+    assert "\n" not in msg
+    return msg
+
+
 def test_download_offline_is_one_clear_line(registry, tmp_path):
     res = invoke(registry, "download", "imagenette", "--data-root", str(tmp_path))
-    assert res.exit_code == 1
-    err = [l for l in res.output.splitlines() if l.startswith("Error:")]
-    assert len(err) == 1
-    assert "could not download http://127.0.0.1:9/imagenette2-160.tgz" in err[0] and "by hand" in err[0]
+    msg = one_line_error(res, DataError)
+    assert msg.startswith("could not download http://127.0.0.1:9/imagenette2-160.tgz") and "by hand" in msg
+    assert str(tmp_path) in msg
     res = invoke(registry, "download", "imagenette", "--variant", "imagenette2-320", "--data-root", str(tmp_path))
-    assert "imagenette2-320.tgz" in res.output and res.exit_code == 1
+    assert "imagenette2-320.tgz" in one_line_error(res, DataError)
     res = invoke(registry, "download", "absent-data", "--data-root", str(tmp_path))
-    assert res.exit_code == 1 and "Error: could not download https://example.invalid/absent.tgz" in res.output
+    assert one_line_error(res, DataError).startswith("could not download https://example.invalid/absent.tgz")
 
 
 def test_download_unknown_name_and_unsupported_variant(registry, tmp_path):
     res = invoke(registry, "download", "imagenete", "--data-root", str(tmp_path))
-    assert res.exit_code == 1 and "did you mean 'imagenette'" in res.output
+    assert "did you mean 'imagenette'" in one_line_error(res)
     res = invoke(registry, "download", "absent-data", "--variant", "big", "--data-root", str(tmp_path))
-    assert res.exit_code == 1 and "has no --variant" in res.output
+    assert "has no --variant" in one_line_error(res, DataError)
+    res = invoke(registry, "verify", "imagenete")
+    assert "did you mean 'imagenette'" in one_line_error(res)
+
+
+def test_through_the_milbench_entry_point(monkeypatch, tmp_path, capsys):
+    """Mounted in ``milbench``: errors become one stderr line and exit status 2."""
+    cli = pytest.importorskip("milbench.cli")
+    from milbench.plugins import reset_registry
+
+    monkeypatch.setenv("MILBENCH_PLUGINS", "imagenette")
+    monkeypatch.delenv("MILBENCH_DATA_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    reset_registry()
+    try:
+        with pytest.raises(SystemExit) as ex:
+            cli.main(["data", "download", "imagenete", "--data-root", str(tmp_path)])
+        assert ex.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("milbench: error: unknown dataset 'imagenete'")
+        cli.main(["data", "--json"])
+        rows = json.loads(capsys.readouterr().out)
+        if rows:  # empty when the package is not installed (no entry points)
+            assert [r["name"] for r in rows] == ["imagenette"] and rows[0]["source"] == "sample"
+    finally:
+        reset_registry()
 
 
 def test_importing_the_group_does_not_import_torch():

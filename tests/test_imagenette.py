@@ -170,7 +170,7 @@ def test_sample_and_full_data_say_which_they_were(no_roots):
     ds = imn.ImagenetteBags()
     full = ds.load(SMALL, 0, str(DATA))
     assert full.info["source"] == "full" and full.info["variant"] == "imagenette2-224"
-    assert full.info["n_files"] == {"train": 9469, "val": 3925} and full.info["complete"]
+    assert full.info["n_files"] == {"train": 9469, "val": 3925} and full.info["layout_complete"]
     sample = ds.load(SMALL, 0, None)
     assert sample.info["source"] == "sample" and sample.info["variant"] == "sample"
     assert sample.info["files"] == str(imn.SAMPLE)
