@@ -41,6 +41,19 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def _remote_error(exc: BaseException) -> str:
+    """The worker's own exception line out of an engine's wrapper (submitit puts the
+    worker's traceback between two ``----`` rules; its last line is the error)."""
+    text = str(exc)
+    parts = [p for p in text.split("\n") if p.strip()]
+    rules = [i for i, p in enumerate(parts) if set(p.strip()) == {"-"}]
+    if len(rules) >= 2 and rules[1] - rules[0] > 1:
+        line = parts[rules[1] - 1].strip()
+        name, sep, msg = line.partition(": ")
+        return f"{name.rsplit('.', 1)[-1]}: {msg}" if sep else line
+    return _first_line(exc)
+
+
 class LocalExecutor:
     """Points one after another in this process (each still a fresh child via ``execute``)."""
 
@@ -170,6 +183,7 @@ class SubmititExecutor:
         self._throttle = array_parallelism if cluster != "slurm" else None
         self._backlog: deque[PointTask] = deque()
         self.jobs: list[tuple[Any, PointTask]] = []
+        self._cancelled = False
 
     def submit(self, tasks: Sequence[PointTask]) -> None:
         for t in tasks:
@@ -195,6 +209,9 @@ class SubmititExecutor:
             engine["log"] = str(job.paths.stderr)
         except Exception:
             pass
+        if self._cancelled and not job.paths.result_pickle.exists():
+            # cancelled before it could return: whatever it recorded is on disk; don't wait for a result file
+            return Outcome(task, None, f"job {job.job_id} cancelled", "interrupted", engine)
         try:
             return Outcome(task, job.result(), engine=engine)
         except Exception as exc:
@@ -214,8 +231,9 @@ class SubmititExecutor:
                 status = "interrupted"
             else:
                 status = "failed"
-            where = f"job {job.job_id}" + (f" ended {state}" if state and state != "UNKNOWN" else "")
-            return Outcome(task, None, f"{where}: {_first_line(exc)}", status, engine)
+            where = f"job {job.job_id}" + (f" ended {state}" if state and state not in ("UNKNOWN", "FINISHED") else "")
+            log = f" (log: {engine['log']})" if engine.get("log") else ""
+            return Outcome(task, None, f"{where}: {_remote_error(exc)}{log}", status, engine)
 
     def wait(self, timeout: float) -> list[Outcome]:
         deadline = time.time() + timeout
@@ -232,6 +250,7 @@ class SubmititExecutor:
         return outs
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._backlog.clear()
         for job, _ in self.jobs:
             try:

@@ -78,15 +78,16 @@ def line_groups(df: pd.DataFrame, x_col: str) -> tuple[list[str], dict[Any, str]
     return cols, labels
 
 
-def _edge_marker(ax: Any, xs: Sequence[float], status: str, label: str, first: bool) -> None:
-    """Non-ok points at the top edge of the panel (x in data units, y in axes units)."""
+def _edge_marker(ax: Any, xs: Sequence[float], status: str, label: str, color: Any) -> None:
+    """Non-ok points at the top edge of the panel (x in data units, y in axes units),
+    in the colour of their method's line so it is clear whose they are."""
     if not len(xs):
         return
     oom = status == "oom"
-    art = ax.plot(list(xs), [0.97] * len(xs), linestyle="none", marker="x" if oom else "v",
-                  color="red" if oom else "black", markersize=9, markeredgewidth=2, clip_on=False,
+    art = ax.plot(list(xs), [0.97] * len(xs), linestyle="none", marker="x" if oom else "v", color=color,
+                  markersize=10 if oom else 8, markeredgewidth=2.5 if oom else 1, clip_on=False,
                   transform=ax.get_xaxis_transform(),
-                  label=("out of memory" if oom else "failed / timeout") if first else "_nolegend_")[0]
+                  label=f"{label}: {'out of memory' if oom else 'failed / timeout'}")[0]
     art.set_gid(f"{'oom' if oom else 'failed'}:{label}")
 
 
@@ -114,28 +115,25 @@ def scaling_figure(df: pd.DataFrame, x: str, ys: Sequence[str] = SCALING_Y, *, l
     ycols = [metric_column(df, y) for y in ys]
     fig, axes = plt.subplots(1, len(ys), figsize=(5.2 * len(ys), 4.2), squeeze=False)
     axes = axes[0]
-    marked = {"oom": False, "failed": False}
+    xs_all = sorted(set(df["_x"]))
     for ax, y, yc in zip(axes, ys, ycols):
-        first = {"oom": True, "failed": True}
-        for key, g in df.groupby(cols, dropna=False, sort=True):
+        for i, (key, g) in enumerate(df.groupby(cols, dropna=False, sort=True)):
             key = key if isinstance(key, tuple) else (key,)
             label = labels[key]
             ok = g[g["status"] == "ok"].copy()
             ok["_y"] = pd.to_numeric(ok[yc], errors="coerce")
             stats = ok.dropna(subset=["_y"]).groupby("_x")["_y"].agg(["mean", "std", "count"]).sort_index()
+            color = f"C{i % 10}"
             if len(stats):
                 line = ax.errorbar(stats.index.to_numpy(), stats["mean"].to_numpy(),
-                                   yerr=stats["std"].fillna(0).to_numpy(), marker="o", capsize=3, label=label)
+                                   yerr=stats["std"].fillna(0).to_numpy(), marker="o", capsize=3, label=label,
+                                   color=color)
                 line.lines[0].set_gid(f"line:{label}")
             ok_x = set(stats.index)
             for status in ("oom", "failed"):
                 bad = g[~g["_x"].isin(ok_x)]
                 bad = bad[bad["status"].isin(["oom"] if status == "oom" else ["failed", "timeout", "preempted"])]
-                xs = sorted(set(bad["_x"]))
-                _edge_marker(ax, xs, status, label, first[status] and bool(xs))
-                if xs:
-                    first[status] = False
-                    marked[status] = True
+                _edge_marker(ax, sorted(set(bad["_x"])), status, label, color)
         if y in ("peak_mib", "cpu_peak_rss_mib", "gpu_peak_mib") and "memory.max_memory_bytes" in df:
             limits = pd.to_numeric(df.loc[df["status"] == "oom", "memory.max_memory_bytes"], errors="coerce").dropna()
             if len(limits) and limits.nunique() == 1:
@@ -145,6 +143,12 @@ def scaling_figure(df: pd.DataFrame, x: str, ys: Sequence[str] = SCALING_Y, *, l
         ax.set_ylabel(y_label(df, y))
         if logx:
             ax.set_xscale("log")
+        if len(xs_all) <= 12:  # ticks at the swept values, written plainly even on a log axis
+            from matplotlib.ticker import NullFormatter, NullLocator
+
+            ax.set_xticks(xs_all, [f"{v:g}" for v in xs_all])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         if logy:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)

@@ -199,3 +199,58 @@ def to_rich(summary: pd.DataFrame, title: str = "milbench") -> Any:
             vals.append(v)
         table.add_row(escape(r), *vals)
     return table
+
+
+# --- sweep support (additive): one outcome per point, and why a cell has no number ---------------
+
+
+def latest_per_point(df: pd.DataFrame) -> pd.DataFrame:
+    """One record per sweep point (config hash × seed × smoke): the latest ``ok`` one
+    if any, else the latest record.
+
+    A resumed sweep leaves the ``interrupted`` (or ``preempted``, ``failed``)
+    record of a point beside the ``ok`` record of its rerun; the history stays
+    on disk, but a table of results wants each point's outcome once.
+    """
+    if df.empty or "config_hash" not in df:
+        return df
+    d = df.assign(_ok=(df["status"] == "ok").astype(int), _created=df["created"].astype(str))
+    d = d.sort_values(["_ok", "_created", "run_id"], kind="stable")
+    keep = d.drop_duplicates(["config_hash", "seed", "smoke"], keep="last")
+    return df.loc[sorted(keep.index)]
+
+
+def failure_notes(df: pd.DataFrame) -> list[str]:
+    """Why a table cell is a status instead of a number: one line per method/config × dataset
+    with no ``ok`` run, naming its statuses and its most frequent first error line."""
+    if df.empty:
+        return []
+    keys = varying_keys(df)
+    presets = df["preset"].nunique() > 1
+    notes = []
+    group_cols = ["method", "preset", "dataset"] + keys
+    for gkey, g in df.groupby(group_cols, dropna=False, sort=True):
+        if (g["status"] == "ok").any():
+            continue
+        gd = dict(zip(group_cols, gkey))
+        extras = ([str(gd["preset"])] if presets else []) + [
+            f"{k.split('.', 1)[1]}={gd[k]}" for k in keys if not pd.isna(gd[k])]
+        label = gd["method"] + (" [" + ", ".join(extras) + "]" if extras else "")
+        parts = []
+        for status, gs in sorted(g.groupby("status"), key=lambda x: _NOTE_ORDER.get(x[0], 99)):
+            errors = [str(e).strip().splitlines()[0] for e in gs["error"].dropna() if str(e).strip()]
+            why = pd.Series(errors).value_counts(sort=True).index[0] if errors else "no error recorded"
+            parts.append(f"{len(gs)} {status} ({why})")
+        notes.append(f"{label} on {gd['dataset']}: " + ", ".join(parts))
+    return notes
+
+
+_NOTE_ORDER = {"failed": 0, "oom": 1, "timeout": 2, "preempted": 3, "interrupted": 4}
+
+
+def failure_notes_markdown(df: pd.DataFrame) -> str:
+    """:func:`failure_notes` as a markdown list to print under a table (empty when every cell has a number)."""
+    notes = failure_notes(df)
+    if not notes:
+        return ""
+    return "\nCells without a number:\n\n" + "\n".join(f"- {n.replace('|', '/')}" for n in notes) + "\n"

@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from milbench.errors import ConfigError, MilbenchError, unknown_name
 from milbench.records import (REQUIRED_KEYS, SCHEMA_VERSION, iter_records, new_run_id, now_iso, write_json_atomic,
@@ -529,6 +529,7 @@ def run_sweep(tasks: Sequence[PointTask], executor: Executor, reporter: Reporter
                                  "extra": json.loads(json.dumps(out.task.extra, default=str))})
             again.extra["sweep"]["attempt"] = again.token
             tokens.add(again.token)
+            state.to_run += 1
             executor.submit([again])
             state.counts[rec["status"] + " (retried)"] = state.counts.get(rec["status"] + " (retried)", 0) + 1
         else:
@@ -573,6 +574,12 @@ def run_sweep(tasks: Sequence[PointTask], executor: Executor, reporter: Reporter
                 pass
     finally:
         executor.close()
+        for d in running_dirs:  # progress markers: leave no empty folders behind
+            for folder in (d, d.parent):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
     return SweepResult(results_by_task, list(skipped), interrupted)
 
 

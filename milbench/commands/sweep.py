@@ -126,7 +126,12 @@ def sweep(methods, datasets, grid, seeds, skip_failed, dry_run, strict, executor
         datasets=sw.parse_names(datasets, "dataset", registry.datasets),
         grid=sw.parse_grid(grid), seeds=sw.parse_seeds(seeds), preset=preset, overrides=list(overrides), smoke=smoke)
     points = sw.expand(registry, spec)
-    device = check_device(device)
+    if executor == "local":
+        device = check_device(device)
+    else:  # the workers' GPUs are not visible from a login node: check the spelling only
+        device = device.strip().lower()
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise MilbenchError(f"bad --device {device!r}; valid: auto, cpu, cuda, cuda:N")
     limit = parse_bytes(max_memory)
     mem_bytes = parse_bytes(mem_per_point)
     if cpus_per_point is not None and cpus_per_point <= 0:

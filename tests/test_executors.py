@@ -1,0 +1,276 @@
+"""Sweeps on engines: submitit (its local cluster runs the same job array code
+as SLURM, as local processes) and Ray (a local instance with 2 CPUs).
+
+Each engine runs the same 4-point ``--smoke`` sweep as the local executor and
+must produce the same records, metric for metric (same seeds, CPU, one thread
+each). A point that fails on an engine becomes a ``failed`` record; a timeout
+or preemption becomes a record with that status (retried once on request);
+resume skips finished points whichever executor wrote them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from milbench import sweep as sw
+from milbench.errors import MilbenchError
+from milbench.executors import LocalExecutor, make_executor
+from milbench.records import iter_records
+
+DATA = os.environ.get("MILBENCH_DATA_ROOT", "/work/shared/data")
+HAS_SUBMITIT = importlib.util.find_spec("submitit") is not None
+HAS_RAY = importlib.util.find_spec("ray") is not None
+needs_data = pytest.mark.skipif(not (Path(DATA) / "MNIST").exists(),
+                                reason=f"MNIST files not found under {DATA} (set MILBENCH_DATA_ROOT)")
+needs_submitit = pytest.mark.skipif(not HAS_SUBMITIT, reason="submitit not installed: pip install 'milbench[slurm]'")
+needs_ray = pytest.mark.skipif(not HAS_RAY, reason="ray not installed: pip install 'milbench[ray]'")
+
+ENV = {"MILBENCH_PLUGINS": "abmil,qmnist", "MILBENCH_DATA_ROOT": DATA, "OMP_NUM_THREADS": "1"}
+SPEC = sw.SweepSpec(["abmil"], ["qmnist"], {"bag_size": ["4", "6"]}, [0, 1], smoke=True)
+CLI_SWEEP = ["sweep", "-m", "abmil", "-d", "qmnist", "--grid", "bag_size=4,6", "--seeds", "0,1", "--smoke",
+             "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def env():
+    from milbench.plugins import reset_registry
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in ENV.items():
+            mp.setenv(k, v)
+        reset_registry()
+        yield
+    reset_registry()
+
+
+def points():
+    from milbench.plugins import get_registry
+
+    return sw.expand(get_registry(warn=False), SPEC)
+
+
+def run(executor, results: Path, pts=None, **kw) -> sw.SweepResult:
+    tasks = sw.make_tasks(pts if pts is not None else points(), results, executor.name, device="cpu",
+                          sweep={"id": SPEC.sweep_id, "grid": SPEC.grid, "executor": executor.name})
+    return sw.run_sweep(tasks, executor, **kw)
+
+
+def by_point(results: Path, status: str = "ok") -> dict[tuple, dict]:
+    return {sw.point_key(r): r for r in iter_records(results, warn=False) if r["status"] == status}
+
+
+def assert_same_metrics(got: dict, want: dict) -> None:
+    assert set(got) == set(want) and len(want) == 4
+    for key, rec in want.items():
+        assert got[key]["metrics"] == rec["metrics"], key          # exact: same seeds, same CPU, one thread
+        assert got[key]["config"] == rec["config"]
+        assert got[key]["history"][-1]["train_loss"] == rec["history"][-1]["train_loss"]
+
+
+@pytest.fixture(scope="module")
+def local_records(env, tmp_path_factory):
+    """The reference: the 4 points on the local executor."""
+    out = tmp_path_factory.mktemp("local")
+    result = run(LocalExecutor(), out)
+    assert result.counts() == {"ok": 4} and not result.interrupted
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_session(env):
+    if not HAS_RAY:
+        pytest.skip("ray not installed: pip install 'milbench[ray]'")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _submitit(folder: Path, **kw):
+    from milbench.executors import SubmititExecutor
+
+    return SubmititExecutor(folder / ".submitit", "local", **kw)
+
+
+# ----------------------------------------------------------------------------- fast
+
+@pytest.mark.parametrize("name, module", [("slurm", "submitit"), ("ray", "ray")])
+def test_missing_extra_is_one_line_naming_the_pip_install(name, module, monkeypatch, tmp_path, capsys, env):
+    from milbench.cli import main
+
+    monkeypatch.setitem(sys.modules, module, None)  # what an environment without the extra looks like to import
+    with pytest.raises(MilbenchError, match=rf"--executor {name} needs the '{module}' package: pip install 'milbench\[{name}\]'"):
+        make_executor(name, results=tmp_path, sweep_id="sw-x")
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "-m", "abmil", "-d", "qmnist", "--smoke", "--results", str(tmp_path), "--executor", name])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"milbench: error: --executor {name} needs the '{module}' package: pip install 'milbench[{name}]'"
+    assert not list(iter_records(tmp_path, warn=False))
+
+
+@needs_submitit
+def test_slurm_without_sbatch_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MilbenchError, match="'sbatch' is not on PATH .* --slurm-cluster local"):
+        make_executor("slurm", results=tmp_path, sweep_id="sw-x", slurm={"cluster": "slurm"})
+
+
+# ----------------------------------------------------------------------------- slow: real engines
+
+@needs_data
+@needs_submitit
+@pytest.mark.slow
+def test_submitit_job_array_matches_local(local_records, tmp_path):
+    result = run(_submitit(tmp_path, time_min=10), tmp_path)
+    assert result.counts() == {"ok": 4}
+    got = by_point(tmp_path)
+    assert_same_metrics(got, by_point(local_records))
+    job_ids = {r["executor"]["job_id"] for r in got.values()}
+    assert len(job_ids) == 4 and all(r["executor"]["name"] == "slurm" for r in got.values())
+    assert all(r["sweep"]["id"] == SPEC.sweep_id for r in got.values())
+    assert len(list(iter_records(tmp_path, warn=False))) == 4   # one record per point, nothing else
+
+
+@needs_data
+@needs_ray
+@pytest.mark.slow
+def test_ray_tasks_match_local(local_records, ray_session, tmp_path):
+    from milbench.executors import RayExecutor
+
+    result = run(RayExecutor(cpus=1), tmp_path)
+    assert result.counts() == {"ok": 4}
+    got = by_point(tmp_path)
+    assert_same_metrics(got, by_point(local_records))
+    assert all(r["executor"]["name"] == "ray" and r["executor"]["task_id"] for r in got.values())
+    assert len(list(iter_records(tmp_path, warn=False))) == 4
+
+
+@needs_data
+@needs_submitit
+@pytest.mark.slow
+def test_resume_skips_points_finished_by_another_executor(local_records, tmp_path):
+    """Three points finished on the local executor; the sweep is finished on the
+    (local) SLURM job array through the CLI, which runs only the fourth."""
+    recs = sorted(local_records.glob("*.json"))
+    for path in recs[:3]:
+        shutil.copy(path, tmp_path / path.name)
+    r = subprocess.run([sys.executable, "-m", "milbench", *CLI_SWEEP, "--results", str(tmp_path),
+                        "--executor", "slurm", "--slurm-cluster", "local", "--slurm-time", "10"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
+    assert r.returncode == 0, r.stderr
+    assert "3 already recorded, 1 to run on slurm" in r.stderr
+    after = list(iter_records(tmp_path, warn=False))
+    assert len(after) == 4
+    new = [x for x in after if x["executor"]["name"] == "slurm"]
+    assert len(new) == 1 and new[0]["status"] == "ok"
+    assert_same_metrics(by_point(tmp_path), by_point(local_records))
+
+
+def _lose_abmil(monkeypatch):
+    """Workers whose environment lacks the abmil plugin (a cluster node without
+    the package the driver has): the point cannot run there."""
+    monkeypatch.setenv("MILBENCH_PLUGINS", "qmnist")
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["local", "slurm", "ray"])
+def test_point_failing_on_the_engine_becomes_a_failed_record(engine, env, monkeypatch, tmp_path, request):
+    if engine == "slurm" and not HAS_SUBMITIT:
+        pytest.skip("submitit not installed: pip install 'milbench[slurm]'")
+    if engine == "ray":
+        request.getfixturevalue("ray_session")
+    from milbench.executors import RayExecutor
+
+    pts = points()[:1]  # planned by the driver, which has abmil
+    _lose_abmil(monkeypatch)
+    executor = {"local": LocalExecutor, "slurm": lambda: _submitit(tmp_path, time_min=10),
+                "ray": lambda: RayExecutor(cpus=1)}[engine]()
+    result = run(executor, tmp_path, pts)
+    assert result.counts() == {"failed": 1}
+    (rec,) = list(iter_records(tmp_path, warn=False))
+    assert rec["status"] == "failed" and "unknown method 'abmil'" in rec["error"]
+    assert rec["config_hash"] == pts[0].plan.config_hash and rec["sweep"]["id"] == SPEC.sweep_id
+    assert sw.point_key(rec) not in sw.finished(tmp_path)  # a rerun retries it
+
+
+@needs_data
+@needs_submitit
+@pytest.mark.slow
+def test_slurm_time_limit_becomes_a_timeout_record(env, tmp_path):
+    """submitit's controller sends USR2 ``signal_delay_s`` before the limit, as SLURM does."""
+    result = run(_submitit(tmp_path, time_min=0.25, signal_delay_s=11), tmp_path, points()[:1])
+    assert result.counts() == {"timeout": 1}
+    (rec,) = list(iter_records(tmp_path, warn=False))
+    assert rec["status"] == "timeout" and "time limit" in rec["error"]
+    assert rec["executor"]["job_id"] and rec["timing"]["wall_s"] < 15
+
+
+@needs_data
+@needs_submitit
+@pytest.mark.slow
+def test_slurm_preemption_is_recorded_and_retried_once(env, tmp_path):
+    """USR2 to a running job's worker long before its time limit is a preemption;
+    with retry the point is resubmitted once and finishes."""
+    markers = tmp_path / sw.MARKERS_DIR
+
+    class Preempt:
+        sent = False
+
+        def start(self, state):
+            pass
+
+        def update(self, state):
+            files = [f for f in markers.rglob("*") if f.is_file()] if markers.exists() else []
+            if files and not self.sent:
+                time.sleep(1.0)
+                os.kill(int(files[0].read_text()), signal.SIGUSR2)  # what SLURM sends the job step
+                self.sent = True
+
+        def finished(self, state, task, record):
+            pass
+
+    reporter = Preempt()
+    result = run(_submitit(tmp_path, time_min=30), tmp_path, points()[:1], reporter=reporter, retry=True)
+    assert reporter.sent
+    recs = sorted(iter_records(tmp_path, warn=False), key=lambda r: r["executor"]["attempt"])
+    assert [r["status"] for r in recs] == ["preempted", "ok"], [r.get("error") for r in recs]
+    assert "preempted" in recs[0]["error"] and recs[1]["executor"]["attempt"] == 1
+    assert recs[0]["executor"]["job_id"] != recs[1]["executor"]["job_id"]
+    assert result.counts() == {"preempted": 1, "ok": 1}
+
+
+@needs_data
+@needs_ray
+@pytest.mark.slow
+def test_cancel_stops_running_ray_tasks_with_interrupted_records(env, ray_session, tmp_path):
+    """Ctrl-C's path: cancel what was submitted; running points record ``interrupted``, queued ones nothing."""
+    from milbench.executors import RayExecutor
+
+    ex = RayExecutor(cpus=1)
+    tasks = sw.make_tasks(points()[:3], tmp_path, "ray", device="cpu", sweep={"id": SPEC.sweep_id})
+    ex.submit(tasks)
+    markers = tmp_path / sw.MARKERS_DIR
+    deadline = time.time() + 120
+    while time.time() < deadline and not (markers.exists() and any(f.is_file() for f in markers.rglob("*"))):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    ex.cancel()
+    outs = []
+    while ex.active():
+        outs += ex.wait(1.0)
+    recs = list(iter_records(tmp_path, warn=False))
+    assert recs and all(r["status"] == "interrupted" for r in recs)
+    assert len(recs) == sum(o.record is not None for o in outs) <= 2  # 2 CPUs: at most 2 were running
+    assert all(o.status == "interrupted" for o in outs if o.record is None)
