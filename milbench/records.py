@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from milbench.errors import MilbenchError
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "failed", "oom", "timeout", "interrupted")
+STATUSES = ("ok", "failed", "oom", "timeout", "interrupted", "preempted")
 ENV_RESULTS = "MILBENCH_RESULTS"
 DEFAULT_RESULTS = "results/runs"
 

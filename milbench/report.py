@@ -99,7 +99,9 @@ def _fmt(mean: float, std: float, n: int) -> str:
 
 def _status_text(statuses: Sequence[str]) -> str:
     counts = pd.Series(list(statuses)).value_counts()
-    order = ["ok", "failed", "oom", "timeout", "interrupted"]
+    from milbench.records import STATUSES
+
+    order = list(STATUSES)
     return ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
 
 
