@@ -115,3 +115,51 @@ def test_corrupt_data_file_is_one_line_and_recorded(tmp_path, data_root):
     assert "t10k-images-idx3-ubyte.gz" in line and "milbench data download qmnist" in line
     (rec,) = records_in(tmp_path / "res")  # the failed run still left its record
     assert rec["status"] == "failed" and rec["error_kind"] == "input"
+
+
+SWEEP = ["sweep", "-m", "abmil", "-d", "qmnist", "--smoke", "--grid", "bag_size=4,5,6"]
+
+
+def _ok_points(directory):
+    recs = records_in(directory)
+    return recs, [(r["config_hash"], r["seed"]) for r in recs if r["status"] == "ok"]
+
+
+def test_sigkill_of_sweep_parent_then_rerun_completes_missing_points_only(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "milbench", *SWEEP, "--results", str(tmp_path)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not records_in(tmp_path):
+        time.sleep(0.2)
+    assert records_in(tmp_path), "the sweep wrote no record"
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    proc.wait(timeout=10)
+    for c in children:  # the running point dies with its parent
+        try:
+            c.wait(timeout=30)
+        except psutil.NoSuchProcess:
+            pass
+    done_before = _ok_points(tmp_path)[1]
+    assert 1 <= len(done_before) < 3
+    res = run_cli(*SWEEP, "--results", str(tmp_path), env={"MILBENCH_PLUGINS": "abmil,qmnist"})
+    assert res.returncode == 0, res.stderr
+    recs, ok = _ok_points(tmp_path)
+    assert len(ok) == 3 and len(set(ok)) == 3  # every point once, nothing rerun
+    assert set(done_before) <= set(ok)
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no half-written files
+
+
+def test_two_sweeps_at_once_lose_and_corrupt_nothing(tmp_path):
+    cmds = [[sys.executable, "-m", "milbench", "sweep", "-m", "abmil", "-d", "qmnist", "--smoke",
+             "--grid", "bag_size=4,5", "--seeds", seeds, "--results", str(tmp_path)] for seeds in ("0", "1")]
+    procs = [subprocess.Popen(c, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    files = sorted(tmp_path.glob("*.json"))
+    assert len(files) == 4
+    recs = records_in(tmp_path)  # every file parses as JSON
+    assert len({r["run_id"] for r in recs}) == 4 and all(r["status"] == "ok" for r in recs)
+    assert {(r["config"]["bag_size"], r["seed"]) for r in recs} == {(4, 0), (5, 0), (4, 1), (5, 1)}
