@@ -211,6 +211,7 @@ def main(spec_path: str, result_path: str) -> int:
         bags = result["timing"].get("bags_trained")
         if bags:
             result["timing"]["train_s_per_bag"] = result["timing"].get("train_s", 0.0) / bags
+            result["timing"]["train_cpu_s_per_bag"] = result["timing"].get("train_cpu_s", 0.0) / bags
         result["timing"]["total_s"] = time.perf_counter() - T_START
         save()
     return code

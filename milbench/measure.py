@@ -138,7 +138,14 @@ def synchronize(device: Any) -> None:
 
 
 class PhaseTimer:
-    """Accumulates wall seconds per named phase, synchronising CUDA at edges."""
+    """Accumulates wall seconds and process CPU seconds per named phase,
+    synchronising CUDA at the edges.
+
+    CPU seconds (all threads of the process) are kept beside wall time
+    because on a shared machine wall time of one process varies with the
+    load of others, while its CPU time does not: time *ratios* between
+    methods are better taken from ``<phase>_cpu_s`` there.
+    """
 
     def __init__(self, device: Any = None):
         self.device = device
@@ -147,9 +154,11 @@ class PhaseTimer:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         synchronize(self.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             synchronize(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            cpu = f"{name}_cpu"
+            self.seconds[cpu] = self.seconds.get(cpu, 0.0) + time.process_time() - c0

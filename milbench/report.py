@@ -22,6 +22,7 @@ DEFAULT_METRICS = ("bag_auc", "bag_accuracy", "dice", "train_s_per_bag", "peak_m
 DERIVED = {
     "train_s_per_bag": ("timing.train_s_per_bag", 1.0, "training seconds per bag (forward+backward+step)"),
     "train_s": ("timing.train_s", 1.0, "training seconds, all epochs"),
+    "train_cpu_s_per_bag": ("timing.train_cpu_s_per_bag", 1.0, "process CPU seconds per training bag (load-independent)"),
     "total_s": ("timing.total_s", 1.0, "child wall seconds"),
     "wall_s": ("timing.wall_s", 1.0, "wall seconds including process start"),
     "gpu_peak_mib": ("memory.gpu_peak_bytes", 2**-20, "NVML peak GPU memory of the run's process, MiB"),

@@ -160,7 +160,7 @@ class QMNISTBags(Dataset):
             t = images[torch.as_tensor(idx)].float().div_(255).unsqueeze(1)
             if size != t.shape[-1]:
                 t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-            return (t - MEAN) / STD
+            return t.sub_(MEAN).div_(STD)  # in place: no extra bag-sized copies
 
         rng = np.random.default_rng(seed)
         pools = split_pool(len(y), fractions, rng)

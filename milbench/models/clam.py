@@ -25,7 +25,7 @@ from milbench.models.streaming import StreamingTrunk
 __all__ = ["CLAMHead", "CLAMOutput", "StreamingCLAMModel", "clam_loss", "smooth_top1_svm", "build_trunk", "TRUNKS",
            "INSTANCE_LOSSES"]
 
-TRUNKS = ("small", "resnet18", "resnet34", "resnet50")
+TRUNKS = ("small", "lenet", "resnet18", "resnet34", "resnet50")
 INSTANCE_LOSSES = ("none", "svm", "ce")
 _RESNET_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
                     "resnet50": (256, 512, 1024, 2048)}
@@ -162,6 +162,39 @@ class StreamingCLAMModel(nn.Module):
     def forward(self, image: torch.Tensor, label: int | None = None) -> CLAMOutput:
         return self.head(self.stream(image.unsqueeze(0) if image.dim() == 3 else image), label)
 
+    def upsample(self, attention_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Paint an (h, w) map over the head's positions onto the (H, W) image.
+
+        Position ``o`` of the trunk is centred on input pixel
+        ``o*stride + (lo + hi)/2`` (the middle of its receptive field, from the
+        streaming geometry; ``head_pool`` widens the stride and shifts the
+        centre). Pixels between centres interpolate linearly, pixels beyond
+        the outermost centres take the edge value: a separable linear
+        interpolation that puts the map where the trunk looked, whatever its
+        padding, unlike a plain resize.
+        """
+        geo = self.stream.geometry
+        pool = self.head.pool.kernel_size if isinstance(self.head.pool, nn.MaxPool2d) else 1
+        m = attention_map.detach().to("cpu", torch.float64)
+        rows = _interp_matrix(size[0], m.shape[0], geo.stride[0] * pool,
+                              (geo.lo[0] + geo.hi[0]) / 2 + (pool - 1) / 2 * geo.stride[0])
+        cols = _interp_matrix(size[1], m.shape[1], geo.stride[1] * pool,
+                              (geo.lo[1] + geo.hi[1]) / 2 + (pool - 1) / 2 * geo.stride[1])
+        return (rows @ m @ cols.t()).float()
+
+
+def _interp_matrix(n_pixels: int, n_positions: int, stride: float, centre0: float) -> torch.Tensor:
+    """(n_pixels, n_positions) weights of linear interpolation between position
+    centres ``centre0 + o*stride`` (clamped at the ends); rows sum to one."""
+    u = ((torch.arange(n_pixels, dtype=torch.float64) - centre0) / stride).clamp(0, n_positions - 1)
+    i0 = u.floor().long()
+    i1 = (i0 + 1).clamp(max=n_positions - 1)
+    w = u - i0
+    out = torch.zeros(n_pixels, n_positions, dtype=torch.float64)
+    out.scatter_add_(1, i0[:, None], (1 - w)[:, None])
+    out.scatter_add_(1, i1[:, None], w[:, None])
+    return out
+
 
 # --------------------------------------------------------------------------------------------
 # Trunks
@@ -183,6 +216,20 @@ def _small_trunk(in_channels: int, depth: int) -> tuple[nn.Sequential, int]:
             layers.append(nn.MaxPool2d(2))
         c = w
     return nn.Sequential(*layers), c
+
+
+def _lenet_trunk(in_channels: int, width: int = 128) -> tuple[nn.Sequential, int]:
+    """The LeNet-5-like digit encoder of Ilse et al. (abmil's 'lenet') made fully
+    convolutional: conv5(20)-pool-conv5(50)-pool, then its fully connected layer
+    as a 4x4 convolution. Unpadded, stride 4, receptive field 28 px: on a bag
+    image of 28-px digits every 7th position sees exactly one digit, as the
+    instance encoder would."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, 20, 5), FrozenBatchNorm2d(20), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5), FrozenBatchNorm2d(50), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(50, width, 4), nn.ReLU(inplace=True),
+    ]
+    return nn.Sequential(*layers), width
 
 
 def _resnet_trunk(name: str, in_channels: int, depth: int, pretrained: bool) -> tuple[nn.Sequential, int]:
@@ -221,10 +268,10 @@ def build_trunk(name: str, in_channels: int, depth: int | None = None, pretraine
     depth = 4 if depth is None else int(depth)
     if not 1 <= depth <= 4:
         raise ConfigError(f"bad trunk_depth {depth}: valid 1..4 (stages of the trunk)")
-    if name == "small":
+    if name in ("small", "lenet"):
         if pretrained:
-            raise ConfigError("trunk 'small' has no pretrained weights; set pretrained=false")
-        trunk, out = _small_trunk(in_channels, depth)
+            raise ConfigError(f"trunk '{name}' has no pretrained weights; set pretrained=false")
+        trunk, out = _small_trunk(in_channels, depth) if name == "small" else _lenet_trunk(in_channels)
     else:
         trunk, out = _resnet_trunk(name, in_channels, depth, pretrained)
     trunk.out_channels = out

@@ -55,7 +55,7 @@ class PatchClassifier(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, n_classes: int, in_chans: int, field: int, input_size: int,
-                 key_class: int = 1, class_weights: str = "balanced"):
+                 key_class: int = 1, class_weights: str = "balanced", bn_recalibrate: int = 0):
         super().__init__()
         if class_weights not in ("balanced", "none"):
             raise ConfigError(f"bad value for 'class_weights': {class_weights!r}; valid: balanced, none")
@@ -63,7 +63,10 @@ class PatchClassifier(nn.Module):
         self.n_classes, self.in_chans = int(n_classes), int(in_chans)
         self.field, self.input_size = int(field), int(input_size)
         self.key_class, self.class_weights = int(key_class), class_weights
+        self.bn_recalibrate = int(bn_recalibrate)
         self.register_buffer("class_counts", torch.zeros(n_classes, dtype=torch.float64))
+        self._recent: list[torch.Tensor] = []  # latest training instances (CPU), not part of the state dict
+        self._bn_stale = False
 
     def fit_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Centre-crop (n, C, s, s) instances to the field of view, then resize to the input size."""
@@ -89,6 +92,52 @@ class PatchClassifier(nn.Module):
         if self.class_weights == "none":
             return None
         return balanced_weights(self.class_counts).to(device=labels.device, dtype=torch.float32)
+
+    def batch_norms(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def remember(self, x: torch.Tensor) -> None:
+        """Keep the latest ``bn_recalibrate`` training instances for :meth:`recalibrate_bn`."""
+        if self.bn_recalibrate <= 0:
+            return
+        self._recent.append(x.detach().to("cpu", copy=True))
+        while sum(len(t) for t in self._recent[1:]) >= self.bn_recalibrate:
+            self._recent.pop(0)
+        self._bn_stale = True
+
+    def recalibrate_bn(self) -> bool:
+        """Set every batch norm's running statistics to those of one batch of the latest
+        training instances ("precise BN"); returns whether it did.
+
+        Why: PyTorch's running averages of per-batch statistics (small, mixed
+        batches of 1x1 feature maps on 32 px patches) can differ so much from
+        the statistics the network learned with that MobileNetV3 and
+        EfficientNet predict one class for everything in eval mode
+        (measured: background recall 1.0 in train mode, 0.0 in eval mode);
+        statistics of one batch of 256-512 training patches restore
+        train-mode accuracy. Only training patches are used, only when the
+        weights changed since the last call, and the model stays in eval mode
+        otherwise (dropout off).
+        """
+        bns = self.batch_norms()
+        if not (self._bn_stale and self._recent and bns):
+            self._bn_stale = False
+            return False
+        x = torch.cat(self._recent)[-self.bn_recalibrate:]
+        saved = [(m, m.momentum, m.training) for m in bns]
+        device = next(self.parameters()).device
+        try:
+            for m in bns:
+                m.momentum = 1.0  # running stats := this batch's statistics
+                m.train()
+            with torch.no_grad():
+                self(x.to(device))
+        finally:
+            for m, mom, tr in saved:
+                m.momentum = mom
+                m.train(tr)
+        self._bn_stale = False
+        return True
 
     def check_input(self) -> None:
         """One dummy forward at the input size; a one-line ConfigError if the backbone cannot take it."""

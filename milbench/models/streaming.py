@@ -42,7 +42,8 @@ with a one-line :class:`~milbench.errors.ConfigError`.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -54,7 +55,7 @@ from milbench.errors import ConfigError
 
 __all__ = [
     "Geometry", "Tile", "StreamingTrunk", "geometry", "plan_tiles", "streamed_forward_backward",
-    "register_pointwise",
+    "register_pointwise", "describe",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -85,22 +86,16 @@ _REFUSED: list[tuple[type, str]] = [
 
 
 def _frozen_norm_types() -> tuple[type, ...]:
-    """Frozen batch norms known to be point-wise (ours, torchvision's, timm's if installed)."""
+    """Frozen batch norms known to be point-wise: ours, and torchvision's when
+    it is loaded (a trunk cannot hold its layers otherwise, and importing a
+    library just to look would cost seconds)."""
     from milbench.models.norms import FrozenBatchNorm2d
 
     types: list[type] = [FrozenBatchNorm2d]
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozen
-
-        types.append(TvFrozen)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
-    try:
-        from timm.layers import FrozenBatchNorm2d as TimmFrozen
-
-        types.append(TimmFrozen)
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
+    for module, attr in (("torchvision.ops.misc", "FrozenBatchNorm2d"),):
+        cls = getattr(sys.modules.get(module), attr, None)
+        if isinstance(cls, type):
+            types.append(cls)
     return tuple(types)
 
 
@@ -197,17 +192,20 @@ def _conv_windows(m: nn.Conv2d, name: str) -> tuple[_Window, _Window]:
     else:
         p = _pair(m.padding)
         pads = [(p[0], p[0]), (p[1], p[1])]
-    return tuple(_Window(k[i], s[i], pads[i][0], pads[i][1], d[i]) for i in range(2))  # type: ignore[return-value]
+    rows, cols = (_Window(k[i], s[i], pads[i][0], pads[i][1], d[i]) for i in range(2))
+    return rows, cols
 
 
 def _pool_windows(m: nn.Module, name: str) -> tuple[_Window, _Window]:
     if isinstance(m, nn.MaxPool2d) and m.return_indices:
-        raise ConfigError(f"cannot stream layer '{name}' (MaxPool2d with return_indices=True); use return_indices=False")
+        raise ConfigError(f"cannot stream layer '{name}' (MaxPool2d with return_indices=True); "
+                          f"use return_indices=False")
     k = _pair(m.kernel_size)
     s = _pair(m.stride if m.stride is not None else m.kernel_size)
     p = _pair(m.padding)
     d = _pair(getattr(m, "dilation", 1))
-    return tuple(_Window(k[i], s[i], p[i], p[i], d[i], bool(m.ceil_mode)) for i in range(2))  # type: ignore[return-value]
+    rows, cols = (_Window(k[i], s[i], p[i], p[i], d[i], bool(m.ceil_mode)) for i in range(2))
+    return rows, cols
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +257,9 @@ class _Analysis:
                     if len(strides) != 1:
                         raise ConfigError(f"cannot stream node '{st.name}': it combines feature maps of different "
                                           f"strides {sorted(strides)}")
-                    out.append(_Axis(strides.pop(), min(g[ax].lo for g in gs), max(g[ax].hi for g in gs)))  # type: ignore[index]
+                    lo = min(g[ax].lo for g in gs)  # type: ignore[index]
+                    hi = max(g[ax].hi for g in gs)  # type: ignore[index]
+                    out.append(_Axis(strides.pop(), lo, hi))
                 geo[st.name] = (out[0], out[1])
         g = geo[self.output]
         assert g is not None
@@ -424,7 +424,7 @@ class Geometry:
     stride: tuple[int, int]
     lo: tuple[int, int]
     hi: tuple[int, int]
-    _analysis: _Analysis
+    _analysis: _Analysis = field(repr=False, compare=False)
 
     @property
     def receptive_field(self) -> tuple[int, int]:
@@ -583,9 +583,16 @@ class StreamingTrunk(nn.Module):
             raise ValueError(f"expected an image (C, H, W) or a batch (N, C, H, W), got shape {tuple(image.shape)}")
         return image
 
+    def _device(self, x: torch.Tensor) -> torch.device:
+        """Where the tiles are computed: the trunk's device (the image may stay on
+        the CPU while a GPU trunk streams it), or the image's for a parameter-free trunk."""
+        p = next(self.trunk.parameters(), None)
+        return p.device if p is not None else x.device
+
     def _iter(self, x: torch.Tensor) -> Iterator[tuple[Tile, torch.Tensor]]:
+        dev = self._device(x)
         for t in self.tiles(x.shape[-2], x.shape[-1]):
-            yield t, x[..., t.rows, t.cols]
+            yield t, x[..., t.rows, t.cols].to(dev, non_blocking=True)
 
     @staticmethod
     def _local(t: Tile, out: torch.Tensor) -> torch.Tensor:
@@ -597,7 +604,9 @@ class StreamingTrunk(nn.Module):
     def forward_streamed(self, image: torch.Tensor) -> torch.Tensor:
         """The trunk's feature map of ``image`` computed tile by tile, without
         autograd; equal to ``trunk(image)`` to float rounding. A (C, H, W)
-        image gives (C', H', W'), a batch (N, C, H, W) gives (N, C', H', W')."""
+        image gives (C', H', W'), a batch (N, C, H, W) gives (N, C', H', W').
+        The image may live on the CPU while the trunk is on a GPU: each tile is
+        moved there, and the feature map is returned on the trunk's device."""
         self.check_modes()
         x = self._batched(image)
         ho, wo = self.geometry.output_size(x.shape[-2], x.shape[-1])
@@ -638,10 +647,10 @@ class StreamingTrunk(nn.Module):
                 if input_grad:
                     xt = xt.detach().requires_grad_(True)
                 y = self._local(t, self.trunk(xt))
-                torch.autograd.backward(y, g[..., t.out_rows, t.out_cols].to(y.dtype))
+                torch.autograd.backward(y, g[..., t.out_rows, t.out_cols].to(y.device, y.dtype))
                 if grad_in is not None:
                     assert xt.grad is not None
-                    grad_in[..., t.rows, t.cols] += xt.grad
+                    grad_in[..., t.rows, t.cols] += xt.grad.to(grad_in.device)
                 del y
         if grad_in is None:
             return None
