@@ -72,7 +72,14 @@ def plan_run(registry: Registry, method_name: str, dataset_name: str, preset: st
         layers += [("harness smoke", HARNESS_SMOKE), (f"dataset '{dataset.name}' smoke", dataset.smoke),
                    (f"method '{method.name}' smoke", method.smoke)]
     config = resolve(params, layers, overrides)
-    method.check(config)
+    try:
+        method.check(config)
+    except MilbenchError:
+        raise
+    except Exception as exc:  # a plugin bug must not surface as a traceback
+        from milbench.errors import PluginError
+
+        raise PluginError(f"method '{method.name}' check() raised {type(exc).__name__}: {exc}") from None
     return RunPlan(method.name, dataset.name, preset, int(seed), smoke, config,
                    config_hash(config, method.name, dataset.name), method.supervision,
                    list(overrides) if not isinstance(overrides, Mapping) else [f"{k}={v}" for k, v in overrides.items()])
