@@ -95,10 +95,14 @@ def fit(
             preds = predict_split(method, model, splits.val, config, device)
         probs = [p.bag_prob for p in preds]
         labels = [b.label for b in splits.val]
+        # A method that computes its own loss (e.g. an instance-supervised one) is
+        # selected on that loss; otherwise on the bag cross-entropy of its probabilities.
+        own = [p.loss for p in preds]
+        val_loss = float(np.mean(own)) if own and all(v is not None for v in own) else bag_bce(probs, labels)
         entry = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)) if losses else None,
-            "val_loss": bag_bce(probs, labels),
+            "val_loss": val_loss,
             "val_bag_auc": bag_auc(probs, labels),
             "val_bag_accuracy": float(np.mean([(p >= 0.5) == (y == 1) for p, y in zip(probs, labels)])),
             "train_seconds": train_seconds,

@@ -34,10 +34,13 @@ RULE = S.LabelRule("Plp1", "Neurod6")
 
 @pytest.fixture(scope="module")
 def ca1_dir() -> Path:
+    """The real CA1 files: under $MILBENCH_DATA_ROOT, else the copy shipped in the package."""
     root = os.environ.get("MILBENCH_DATA_ROOT")
-    if not root or not (Path(root) / "mouse-brain-ca1" / "spots.csv").is_file():
-        pytest.skip("real CA1 files not found: set MILBENCH_DATA_ROOT to a root holding mouse-brain-ca1/")
-    return Path(root) / "mouse-brain-ca1"
+    if root and (Path(root) / "mouse-brain-ca1" / "spots.csv").is_file():
+        return Path(root) / "mouse-brain-ca1"
+    if (mb.EMBEDDED / "spots.csv").is_file():
+        return mb.EMBEDDED
+    pytest.skip("real CA1 files not found: set MILBENCH_DATA_ROOT to a root holding mouse-brain-ca1/")
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +345,7 @@ def test_dataset_reads_a_png_section_by_name_under_a_data_root(tmp_path, ca1_sec
     _write_image_section(tmp_path / "root" / "my-brain", sec.image[y0:y1, x0:x1], sec.genes[sel],
                          sec.x[sel] - x0, sec.y[sel] - y0, kind="png", cols=("Gene", "x", "y"), scale=1.0)
     cfg = config(section="my-brain", n_train_bags=4, n_val_bags=2, n_test_bags=2, bag_size=4,
-                 test_band=0.1, test_band_width=0.3, val_band=0.6, val_band_width=0.3, key_fraction=0.1)
+                 test_band=0.0, test_band_width=0.3, val_band=0.7, val_band_width=0.3)
     splits = mb.MouseBrain().load(cfg, 0, str(tmp_path / "root"))
     assert splits.info["source"] == "data-root" and splits.info["image_rendered"] is False
     assert splits.info["files"][1].endswith("dapi.png")
@@ -356,7 +359,7 @@ def test_second_section_is_the_test_set(tmp_path, ca1_section, isolated_roots):
         _write_image_section(tmp_path / name, sec.image[:2000, x0:x1], sec.genes[sel], sec.x[sel] - x0, sec.y[sel],
                              cols=("Gene", "x", "y"), scale=1.0)
     cfg = config(section=str(tmp_path / "left"), test_section=str(tmp_path / "right"), n_train_bags=4,
-                 n_val_bags=2, n_test_bags=4, val_band=0.0, val_band_width=0.3)
+                 n_val_bags=2, n_test_bags=4, bag_size=4, val_band=0.7, val_band_width=0.3)
     splits = mb.MouseBrain().load(cfg, 0, None)
     assert splits.info["test_area"]["kind"] == "section" and splits.info["test_area"]["section"] == "right"
     assert all(i.startswith("right:") for i in splits.test.instance_ids())

@@ -389,7 +389,10 @@ def prepare_section(section: Section, scale: float, rule: LabelRule) -> SectionM
     h, w = working_shape((H, W), scale)
     sy, sx = h / H, w / W
     image = resize_area(section.image, (h, w))
-    nuclei = resize_area(section.nuclei.astype(np.float32), (h, w)) > 0
+    if section.image_rendered:  # nuclei are exactly the non-zero pixels: skip a full-size float copy
+        nuclei = image > 0
+    else:
+        nuclei = resize_area(section.nuclei.astype(np.float32), (h, w)) > 0
     spot_x = (section.x + 0.5) * sx
     spot_y = (section.y + 0.5) * sy
     xi = np.clip(np.floor(spot_x).astype(np.int64), 0, w - 1)
@@ -505,12 +508,12 @@ def sample_regions(maps: SectionMaps, region_hw: tuple[int, int], intervals: Seq
 
     Positive: at least ``key_fraction`` of the region's pixels are ``gene_a``.
     Negative: gene-A pixels add up to less than half a tile (of side
-    ``tile``; and less than ``key_fraction``), so no tile can be mostly
-    gene_a -- requiring none at all would
-    leave almost no negative region, since single oligodendrocytes make small
-    gene-A spots all over the strata. Both need ``min_tissue`` of
-    non-background pixels. Regions between the two are never drawn, so a bag
-    label is never a coin toss. Regions are distinct but may overlap.
+    ``tile``) and to less than ``key_fraction``, so no tile can be mostly
+    gene_a. (Requiring none at all leaves almost no negative region: single
+    oligodendrocytes make small gene-A patches all over the strata.) Both
+    need ``min_tissue`` of non-background pixels. Regions between the two
+    are never drawn, so a bag label is never a coin toss. Regions are
+    distinct but may overlap (candidates lie on a ``step`` px grid).
     """
     h, w = maps.shape
     rh, rw = region_hw

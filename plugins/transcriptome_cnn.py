@@ -1,0 +1,230 @@
+"""The ``transcriptome-cnn`` method: a patch classifier supervised by instance labels.
+
+After the seed paper (arXiv 2312.04605): a CNN on any timm backbone learns to
+tell, from the nuclei image alone, the tissue classes that in situ sequencing
+spots define (on mouse-brain: background, gene A, gene B, tissue). It trains
+on the instance labels of the training bags (``supervision = "instance"``) --
+on mouse-brain the spot-centred patches -- with cross-entropy, class
+imbalance handled by inverse-frequency weights (``class_weights``), batch
+norms recalibrated on recent training patches before predicting
+(``bn_recalibrate``, see :meth:`PatchClassifier.recalibrate_bn`), and
+predicts
+
+* per instance: class probabilities; ``instance_scores`` = P(key class),
+  ``bag_prob`` = the maximum over instances (the instance-supervised
+  reference on qmnist/imagenette, where the classes are other/key);
+* per pixel, for bags with a ground-truth ``mask``: a dense class map by a
+  sliding window (``stride``, batched) as ``pixel_classes`` and P(key) as
+  ``pixel_scores``; the harness scores them with
+  :func:`milbench.segmentation_metrics.dense_class_metrics`.
+
+``artifacts`` predicts the whole held-out test area (when the test split
+exposes one as ``area``, as mouse-brain's does) and writes
+``transcriptome_cnn_test_area.png`` -- nuclei image, ground truth and
+prediction side by side with a legend -- plus Dice/precision/recall on that
+contiguous area (``area_*`` metrics). The method does not chunk a bag, so
+batch norm in training mode is fine here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from milbench.api import Bag, DataSpec, Method, Param, Prediction, RunContext, Splits, hookimpl
+
+#: Class colours of the figure: background, gene A, gene B, tissue (then extra classes).
+CLASS_COLOURS = ("#000000", "#e6194b", "#3cb4e6", "#9a9a9a", "#ffe119", "#3cb44b", "#f58231", "#911eb4")
+
+
+class TranscriptomeCNN(Method):
+    name = "transcriptome-cnn"
+    supervision = "instance"
+    description = "patch classifier (any timm backbone) trained on instance labels; dense class maps, Dice"
+    params = {
+        "backbone": Param("resnet18", str, "timm model name, random init (e.g. resnet18, efficientnet_b0, "
+                          "mobilenetv3_small_100, densenet121, convnext_atto)"),
+        "patch_size": Param(None, int, "side the classifier sees (none: instance_size)", low=8, nullable=True),
+        "patch_fit": Param("crop", str, "crop: centre patch_size px of an instance (smaller field of view); "
+                           "resize: the whole instance resampled to patch_size", choices=("crop", "resize")),
+        "stride": Param(None, int, "sliding-window stride of dense prediction, px (none: field // 2)", low=1,
+                        nullable=True),
+        "class_weights": Param("balanced", str, "loss weights: inverse class frequency of the labels seen, or none",
+                               choices=("balanced", "none")),
+        "eval_batch": Param(256, int, "patches per forward pass at prediction", low=1),
+        "bn_recalibrate": Param(256, int, "before predicting, batch norms take the statistics of the latest this "
+                                "many training patches as one batch (precise BN; 0: PyTorch running averages)",
+                                low=0),
+    }
+    defaults = {"lr": 1e-3, "epochs": 6}
+    presets = {"paper": {"epochs": 20}}
+    smoke: Mapping[str, Any] = {"eval_batch": 64}
+
+    # ------------------------------------------------------------------ geometry
+    @staticmethod
+    def geometry(config: Mapping[str, Any], spec: DataSpec) -> tuple[int, int, int]:
+        """(field of view, input size, stride) for this config and data."""
+        from milbench.errors import ConfigError
+
+        size = config["patch_size"] or spec.instance_size
+        if config["patch_fit"] == "crop":
+            if size > spec.instance_size:
+                raise ConfigError(f"patch_size={size} exceeds instance_size={spec.instance_size} with "
+                                  f"patch_fit=crop; lower patch_size, raise instance_size or use patch_fit=resize")
+            field = size
+        else:
+            field = spec.instance_size
+        stride = config["stride"] or max(1, field // 2)
+        return field, size, stride
+
+    def check(self, config: Mapping[str, Any]) -> None:
+        """A misspelt backbone fails in the parent, before any run starts; the
+        patch geometry needs the data's instance size and is checked in ``build``."""
+        import timm
+
+        from milbench.errors import ConfigError, did_you_mean
+
+        if not timm.is_model(config["backbone"]):
+            raise ConfigError(f"unknown timm backbone {config['backbone']!r}"
+                              f"{did_you_mean(config['backbone'], timm.list_models())}")
+
+    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
+        from milbench.models.patch_classifier import PatchClassifier, build_backbone
+
+        field, size, _ = self.geometry(config, spec)
+        backbone = build_backbone(config["backbone"], spec.channels, spec.n_classes)
+        model = PatchClassifier(backbone, spec.n_classes, spec.channels, field, size, spec.key_class,
+                                config["class_weights"], config["bn_recalibrate"])
+        model.to(ctx.device)
+        model.check_input()
+        return model
+
+    # ------------------------------------------------------------------ training / prediction
+    def backward(self, model, bag: Bag, config: Mapping[str, Any]) -> float:
+        import torch.nn.functional as F
+
+        labels = self._labels(model, bag).to(bag.instances.device)
+        model.remember(bag.instances)
+        logits = model(bag.instances)
+        loss = F.cross_entropy(logits, labels, weight=model.loss_weights(labels))
+        loss.backward()
+        return float(loss.detach())
+
+    @staticmethod
+    def _labels(model, bag: Bag):
+        from milbench.errors import DataError
+
+        labels = bag.instance_labels.long()
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= model.n_classes):
+            raise DataError(f"bag {bag.bag_id}: instance label {int(labels.max())} outside 0..{model.n_classes - 1}")
+        return labels
+
+    def predict(self, model, bag: Bag, config: Mapping[str, Any]) -> Prediction:
+        import torch
+        import torch.nn.functional as F
+
+        from milbench.models.patch_classifier import dense_class_map, predict_batched
+
+        batch = config["eval_batch"]
+        model.recalibrate_bn()
+        probs = predict_batched(model, bag.instances, batch)
+        key = model.key_class
+        scores = probs[:, key].float().cpu()
+        labels = self._labels(model, bag)
+        loss = float(F.nll_loss(torch.log(probs.clamp_min(1e-12)).cpu(), labels)) if len(labels) else None
+        pred = Prediction(bag_prob=float(scores.max()) if len(scores) else 0.0, instance_scores=scores, loss=loss,
+                          extra={"instance_classes": probs.argmax(1).cpu()})
+        if bag.mask is not None:
+            classes, key_prob = dense_class_map(model, bag.image(), _stride(model, config), batch, key)
+            pred.pixel_classes = classes.cpu()
+            pred.pixel_scores = key_prob.float().cpu()
+        return pred
+
+    # ------------------------------------------------------------------ artifacts
+    def artifacts(self, model, splits: Splits, config: Mapping[str, Any], ctx: RunContext) -> dict[str, Any]:
+        """Predict the test area, draw it, score it; report the class weighting used."""
+        import os
+
+        import torch
+
+        from milbench.models.patch_classifier import balanced_weights, dense_class_map
+        from milbench.segmentation_metrics import dense_class_metrics, metric_key
+
+        names = list(splits.spec.instance_classes)
+        out: dict[str, Any] = {}
+        counts = model.class_counts.detach().cpu()
+        weights = balanced_weights(counts) if model.class_weights == "balanced" else torch.ones_like(counts)
+        for k, name in enumerate(names):
+            out[f"class_weight_{metric_key(name)}"] = round(float(weights[k]), 6)
+        area = getattr(splits.test, "area", None)
+        if area is None or ctx.artifact_dir is None:
+            return out
+        stride = _stride(model, config)
+        was = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model.recalibrate_bn()
+            image = torch.from_numpy(area.image.copy())[None].to(device)
+            pred, _ = dense_class_map(model, image, stride, config["eval_batch"], model.key_class)
+        model.train(was)
+        pred = pred.cpu().numpy()
+        scores = dense_class_metrics([pred], [area.classes], len(names), names)
+        for k, v in scores.items():
+            if k != "confusion":
+                out[f"area_{k}"] = v
+        os.makedirs(ctx.artifact_dir, exist_ok=True)
+        path = os.path.join(ctx.artifact_dir, "transcriptome_cnn_test_area.png")
+        genes = (splits.info or {}).get("genes", {})
+        draw_area_figure(path, area.image, area.classes, pred, names, genes, scores,
+                         title=f"{config['backbone']} - test area x {area.x0}..{area.x1} of {area.section}")
+        out["area_figure"] = path
+        return out
+
+
+def _stride(model, config: Mapping[str, Any]) -> int:
+    """Sliding-window stride: the config's, or half the classifier's field of view."""
+    return int(config["stride"] or max(1, model.field // 2))
+
+
+def draw_area_figure(path: str, image: Any, truth: Any, pred: Any, names: list[str], genes: Mapping[str, Any],
+                     scores: Mapping[str, Any], title: str = "") -> None:
+    """Nuclei image | ground truth | prediction with a class legend, saved as PNG (Agg backend)."""
+    # The object API (no pyplot) draws with Agg and never touches the global backend.
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    from milbench.segmentation_metrics import metric_key
+
+    k = len(names)
+    cmap = ListedColormap(list(CLASS_COLOURS[:k]))
+    label = {"gene_a": f"gene A ({genes.get('gene_a', '?')})", "gene_b": f"gene B ({genes.get('gene_b', '?')})"}
+    h, w = image.shape
+    fig_h = 9.0
+    fig_w = min(18.0, max(6.0, 3 * fig_h * w / max(h, 1) + 1.5))
+    fig = Figure(figsize=(fig_w, fig_h), layout="constrained")
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes[0].set_title("nuclei image")
+    axes[1].imshow(truth, cmap=cmap, vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
+    axes[1].set_title("ground truth (spots)")
+    axes[2].imshow(pred, cmap=cmap, vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
+    md = scores.get("mean_dice")
+    axes[2].set_title("prediction" + (f" (mean Dice {md:.2f})" if md is not None else ""))
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = []
+    for i, n in enumerate(names):
+        d = scores.get(f"dice_{metric_key(n)}")
+        handles.append(Patch(facecolor=CLASS_COLOURS[i], edgecolor="white",
+                             label=label.get(n, n) + (f": Dice {d:.2f}" if d is not None else "")))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, k), frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=80)
+
+
+@hookimpl
+def milbench_register_methods(register):
+    register(TranscriptomeCNN())
