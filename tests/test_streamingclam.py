@@ -1,0 +1,200 @@
+"""The streamingclam method: streamed gradients equal the plain model's, and
+predictions have the shapes and ranges the harness scores."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from milbench.api import Bag, DataSpec, RunContext
+from milbench.errors import ConfigError
+
+torch.set_num_threads(1)
+PLUGIN_FILE = Path(__file__).resolve().parents[1] / "plugins" / "streamingclam.py"
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    """The installed ``milbench_plugins.streamingclam``, or the source file when
+    the package is not installed yet."""
+    try:
+        return importlib.import_module("milbench_plugins.streamingclam")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("_streamingclam_under_test", PLUGIN_FILE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+def make_bag(n=10, channels=1, p=16, rows=3, cols=4, label=1, dtype=torch.float64, seed=0) -> Bag:
+    """A bag built by hand: N random patches on a rows x cols board (two cells empty)."""
+    g = torch.Generator().manual_seed(seed)
+    instances = torch.randn(n, channels, p, p, generator=g, dtype=dtype)
+    cells = torch.randperm(rows * cols, generator=g)[:n]
+    grid = torch.stack([cells // cols, cells % cols], dim=1).long()
+    labels = torch.zeros(n, dtype=torch.long)
+    labels[:2] = label
+    return Bag(instances, label, grid, (rows, cols), labels, [f"x{i}" for i in range(n)], None, 1, "hand-made")
+
+
+def make_config(method, **overrides):
+    config = {k: p.default for k, p in method.params.items()}
+    config.update(overrides)
+    return {k: method.params[k].validate(k, v) for k, v in config.items()}
+
+
+def build(plugin, channels=1, patch=16, **overrides):
+    method = plugin.StreamingCLAM()
+    config = make_config(method, **overrides)
+    torch.manual_seed(0)
+    model = method.build(DataSpec(channels=channels, instance_size=patch), config, RunContext("cpu", 0))
+    return method, config, model.double()
+
+
+def grads(model):
+    return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+
+
+def plain_step(model, bag, config):
+    """The reference: the same model, forward and backward over the whole image at once."""
+    from milbench.models.clam import clam_loss
+
+    model.zero_grad(set_to_none=True)
+    loss = clam_loss(model(bag.image(), bag.label), bag.label, config["inst_weight"])
+    loss.backward()
+    return float(loss.detach()), grads(model)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"inst_loss": "none"},
+    {"inst_loss": "svm", "inst_k": 3},
+    {"inst_loss": "ce", "inst_k": 2, "head_pool": 2},
+])
+def test_backward_equals_plain_small_trunk(plugin, overrides):
+    method, config, model = build(plugin, tile_size=40, hidden_dim=16, attn_dim=8, **overrides)
+    bag = make_bag(label=1)
+    h, w = bag.image().shape[-2:]
+    assert len(model.stream.tiles(h, w)) > 1, "the test must really stream"
+    ref_loss, ref = plain_step(model, bag, config)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    loss = method.backward(model, bag, config)
+    got = grads(model)
+    assert abs(loss - ref_loss) <= 1e-9
+    for name, r in ref.items():
+        if r is None:  # instance classifiers of the other class get no gradient in either
+            assert got[name] is None, name
+            continue
+        assert (got[name] - r).abs().max().item() <= 1e-9, name
+    assert any(got[n] is not None for n in got if n.startswith("stream.trunk"))
+
+
+def test_backward_equals_plain_resnet_trunk(plugin):
+    method, config, model = build(plugin, channels=3, patch=48, trunk="resnet18", trunk_depth=2, tile_size=130,
+                                  hidden_dim=16, attn_dim=8)
+    bag = make_bag(n=12, channels=3, p=48, label=0)  # 144 x 192 image
+    assert len(model.stream.tiles(144, 192)) > 1
+    ref_loss, ref = plain_step(model, bag, config)
+    model.zero_grad(set_to_none=True)
+    loss = method.backward(model, bag, config)
+    got = grads(model)
+    assert abs(loss - ref_loss) <= 1e-9
+    for name, r in ref.items():
+        if r is not None:
+            assert (got[name] - r).abs().max().item() <= 1e-9, name
+
+
+@pytest.mark.parametrize("level", ["instance", "pixel"])
+def test_predict_scores(plugin, level):
+    method, config, model = build(plugin, tile_size=40, hidden_dim=16, attn_dim=8, score_level=level)
+    bag = make_bag()
+    model.eval()
+    with torch.no_grad():
+        pred = method.predict(model, bag, config)
+        probs = torch.softmax(model(bag.image()).logits, 0)
+    assert 0.0 <= pred.bag_prob <= 1.0
+    assert pred.bag_prob == pytest.approx(float(probs[1]), abs=1e-9)  # streamed == plain
+    assert pred.instance_scores.shape == (len(bag),)
+    assert float(pred.instance_scores.min()) >= 0.0 and float(pred.instance_scores.max()) <= 1.0
+    # attention / max, times the bag probability: the most attended patch scores about the bag
+    # probability (position centres fall between pixels, so the map's peak is a little lower)
+    assert 0.9 * pred.bag_prob <= float(pred.instance_scores.max()) <= pred.bag_prob + 1e-6
+    if level == "instance":
+        assert pred.pixel_scores is None
+        return
+    assert pred.pixel_scores.shape == (48, 64)
+    # an instance's score is the pixel map's maximum over its patch
+    r, c = bag.grid[3].tolist()
+    patch = pred.pixel_scores[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16]
+    assert float(pred.instance_scores[3]) == pytest.approx(float(patch.max()))
+
+
+def test_freezing_schedule(plugin):
+    method, config, model = build(plugin, tile_size=40, hidden_dim=16, attn_dim=8, freeze_trunk_epochs=1)
+    bag = make_bag()
+    assert model.trunk_frozen
+    method.on_epoch_start(model, 1, config)
+    model.zero_grad(set_to_none=True)
+    method.backward(model, bag, config)
+    g = grads(model)
+    assert all(v is None for n, v in g.items() if n.startswith("stream.trunk"))
+    assert g["head.classifier.weight"] is not None
+    method.on_epoch_start(model, 2, config)
+    model.zero_grad(set_to_none=True)
+    method.backward(model, bag, config)
+    assert all(v is not None for n, v in grads(model).items() if n.startswith("stream.trunk"))
+
+
+def test_check_refuses_a_too_small_tile(plugin):
+    method = plugin.StreamingCLAM()
+    with pytest.raises(ConfigError, match="tile_size"):
+        method.check(make_config(method, tile_size=16))
+    method.check(make_config(method))  # defaults are fine
+
+
+def test_registers_and_imports_without_torch(plugin):
+    seen = []
+    plugin.milbench_register_methods(seen.append)
+    assert [m.name for m in seen] == ["streamingclam"] and seen[0].supervision == "bag"
+    code = ("import importlib.util, sys; "
+            f"s = importlib.util.spec_from_file_location('p', {str(PLUGIN_FILE)!r}); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "print('torch' in sys.modules)")
+    env_path = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "False"
+
+
+def test_presets_and_smoke_are_valid(plugin):
+    method = plugin.StreamingCLAM()
+    for overlay in [*method.presets.values(), method.smoke, method.defaults]:
+        for k, v in overlay.items():
+            if k in method.params:
+                method.params[k].validate(k, v)
+
+
+@pytest.mark.parametrize("trunk, pool", [("small", 0), ("small", 2), ("lenet", 0)])
+def test_attention_lands_where_the_trunk_looked(trunk, pool):
+    """A one-hot attention map peaks at the centre of that position's receptive field."""
+    from milbench.models.clam import CLAMHead, StreamingCLAMModel, build_trunk
+
+    t = build_trunk(trunk, 1)
+    model = StreamingCLAMModel(t, CLAMHead(t.out_channels, 8, 4, pool=pool), 1000)
+    with torch.no_grad():
+        h, w = model.head.pool(t(torch.zeros(1, 1, 112, 140)))[0].shape[-2:]
+    a = torch.zeros(h, w)
+    a[1, 2] = 1.0
+    pix = model.upsample(a, (112, 140))
+    geo, k = model.stream.geometry, max(pool, 1)
+    centre = [o * geo.stride[i] * k + (geo.lo[i] + geo.hi[i]) / 2 + (k - 1) / 2 * geo.stride[i]
+              for i, o in enumerate((1, 2))]
+    peak = (pix == pix.max()).nonzero()[0].tolist()
+    assert all(abs(peak[i] - centre[i]) <= 0.5 for i in range(2))
+    assert float(pix.min()) >= 0.0 and float(pix.max()) <= 1.0
