@@ -28,19 +28,8 @@ needs_full = pytest.mark.skipif(not (FULL / "train").is_dir(),
 GOLF = "n03445777"
 
 
-def _imagenette_module():
-    try:
-        return importlib.import_module("milbench_plugins.imagenette")
-    except ImportError:
-        path = Path(__file__).resolve().parent.parent / "plugins" / "imagenette.py"
-        spec = importlib.util.spec_from_file_location("milbench_plugins.imagenette", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        return mod
 
-
-imn = _imagenette_module()
+imn = importlib.import_module("milbench_plugins.imagenette")
 
 
 class AbsentData(Dataset):

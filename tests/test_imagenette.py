@@ -24,19 +24,8 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
 
-def _load_plugin():
-    try:
-        return importlib.import_module("milbench_plugins.imagenette")
-    except ImportError:  # not installed yet: load the module from the source tree
-        path = Path(__file__).resolve().parent.parent / "plugins" / "imagenette.py"
-        spec = importlib.util.spec_from_file_location("milbench_plugins.imagenette", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        return mod
 
-
-imn = _load_plugin()
+imn = importlib.import_module("milbench_plugins.imagenette")
 DATA = Path(os.environ.get("MILBENCH_DATA_ROOT", "/work/shared/data"))
 FULL = DATA / "imagenette2-224"
 needs_full = pytest.mark.skipif(not (FULL / "train").is_dir() or not (FULL / "val").is_dir(),

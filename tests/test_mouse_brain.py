@@ -18,17 +18,8 @@ from milbench.errors import ConfigError, DataError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _plugin(name: str):
-    try:
-        return importlib.import_module(f"milbench_plugins.{name}")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(f"_milbench_plugin_{name}", ROOT / "plugins" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
 
-
-mb = _plugin("mouse_brain")
+mb = importlib.import_module("milbench_plugins.mouse_brain")
 RULE = S.LabelRule("Plp1", "Neurod6")
 
 

@@ -21,15 +21,8 @@ PLUGIN_FILE = Path(__file__).resolve().parents[1] / "plugins" / "streamingclam.p
 
 @pytest.fixture(scope="module")
 def plugin():
-    """The installed ``milbench_plugins.streamingclam``, or the source file when
-    the package is not installed yet."""
-    try:
-        return importlib.import_module("milbench_plugins.streamingclam")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("_streamingclam_under_test", PLUGIN_FILE)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    """The installed ``milbench_plugins.streamingclam``."""
+    return importlib.import_module("milbench_plugins.streamingclam")
 
 
 def make_bag(n=10, channels=1, p=16, rows=3, cols=4, label=1, dtype=torch.float64, seed=0) -> Bag:

@@ -23,17 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
-def _plugin(name: str):
-    try:
-        return importlib.import_module(f"milbench_plugins.{name}")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(f"_milbench_plugin_{name}", ROOT / "plugins" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
 
-
-tc = _plugin("transcriptome_cnn")
+tc = importlib.import_module("milbench_plugins.transcriptome_cnn")
 METHOD = tc.TranscriptomeCNN()
 SPEC4 = DataSpec(channels=1, instance_size=32, n_classes=4,
                  instance_classes=("background", "gene_a", "gene_b", "tissue"), key_class=1)

@@ -97,7 +97,34 @@ def ids_hash(ids: Sequence[str] | np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-class PooledBags(Sequence):
+def row_major_grid(n: int, cols: int):
+    """(n, 2) long tensor of (row, col) cells filled row by row on a board ``cols`` wide."""
+    import torch
+
+    cells = torch.arange(n)
+    return torch.stack([cells // cols, cells % cols], dim=1)
+
+
+class LazyBags(Sequence):
+    """Base of bag sequences that build each :class:`milbench.api.Bag` on access
+    (so large presets never hold every bag in memory). Subclasses implement
+    ``__len__`` and ``_bag(i)`` for ``0 <= i < len``; indexing, negative
+    indices and slices are handled here."""
+
+    def _bag(self, i: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._bag(j) for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._bag(i)
+
+
+class PooledBags(LazyBags):
     """A lazy sequence of :class:`milbench.api.Bag` built from plans and a pool.
 
     ``get_instances(indices)`` returns a float tensor (n, C, p, p);
@@ -115,19 +142,16 @@ class PooledBags(Sequence):
     def __len__(self) -> int:
         return len(self.plans)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def _bag(self, i: int):
         import torch
 
         from milbench.api import Bag
 
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
         plan = self.plans[i]
         x = self.get_instances(plan.indices)
         n = len(plan.indices)
         rows, cols = grid_shape(n)
-        cells = torch.arange(n)
-        grid = torch.stack([cells // cols, cells % cols], dim=1)
+        grid = row_major_grid(n, cols)
         labels = torch.as_tensor(self.is_key[plan.indices].astype(np.int64))
         return Bag(x, plan.label, grid, (rows, cols), labels,
                    [str(self.ids[j]) for j in plan.indices], None, 1, plan.bag_id)

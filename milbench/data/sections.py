@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from milbench.data.bags import BagPlan, ids_hash
+from milbench.data.bags import BagPlan, LazyBags, grid_shape, ids_hash, row_major_grid
 from milbench.errors import ConfigError, DataError
 
 CLASS_NAMES: tuple[str, ...] = ("background", "gene_a", "gene_b", "tissue")
@@ -647,7 +647,7 @@ def tile_majority(mask: np.ndarray, rows: int, cols: int, p: int, n_classes: int
     return counts.argmax(axis=1)
 
 
-class RegionBags(Sequence):
+class RegionBags(LazyBags):
     """Bags that are rectangular regions of a section; instances are its ``p x p`` tiles.
 
     ``mask`` is the region's class map, ``instance_labels`` each tile's
@@ -664,22 +664,17 @@ class RegionBags(Sequence):
     def __len__(self) -> int:
         return len(self.regions.labels)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def _bag(self, i: int):
         import torch
 
         from milbench.api import Bag
 
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
         y, x = (int(v) for v in self.regions.origins[i])
         r, c, p = self.rows, self.cols, self.p
         img = _crop(self.maps.image, y, x, r * p, c * p)
         mask = _crop(self.maps.classes, y, x, r * p, c * p).astype(np.int64)
         inst = img.reshape(r, p, c, p).transpose(0, 2, 1, 3).reshape(r * c, 1, p, p)
-        cells = torch.arange(r * c)
-        grid = torch.stack([cells // c, cells % c], dim=1)
+        grid = row_major_grid(r * c, c)
         return Bag(torch.from_numpy(np.ascontiguousarray(inst)), int(self.regions.labels[i]), grid, (r, c),
                    torch.from_numpy(tile_majority(mask, r, c, p)), self._tile_ids(y, x),
                    torch.from_numpy(mask), KEY_CLASS, f"{self.prefix}-{i:05d}@y{y}x{x}")
@@ -697,7 +692,7 @@ class RegionBags(Sequence):
         return [(int(y), int(x), int(y) + hh, int(x) + ww) for y, x in self.regions.origins]
 
 
-class PatchBags(Sequence):
+class PatchBags(LazyBags):
     """Bags of training patches (spot-centred or background) laid on a grid.
 
     ``instance_labels`` are the patches' classes (by spot gene, or by the
@@ -711,14 +706,11 @@ class PatchBags(Sequence):
     def __len__(self) -> int:
         return len(self.plans)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def _bag(self, i: int):
         import torch
 
         from milbench.api import Bag
-        from milbench.data.bags import grid_shape
 
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
         plan = self.plans[i]
         p = self.p
         n = len(plan.indices)
@@ -730,8 +722,7 @@ class PatchBags(Sequence):
             inst[k, 0] = _crop(self.maps.image, y, x, p, p)
             r, c = divmod(k, cols)
             mask[r * p:(r + 1) * p, c * p:(c + 1) * p] = _crop(self.maps.classes, y, x, p, p)
-        cells = torch.arange(n)
-        grid = torch.stack([cells // cols, cells % cols], dim=1)
+        grid = row_major_grid(n, cols)
         labels = torch.as_tensor(self.pool.classes[plan.indices].astype(np.int64))
         return Bag(torch.from_numpy(inst), plan.label, grid, (rows, cols), labels,
                    [str(self.pool.ids[j]) for j in plan.indices], torch.from_numpy(mask), KEY_CLASS, plan.bag_id)
