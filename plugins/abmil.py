@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from milbench.api import Bag, DataSpec, Method, Prediction, RunContext, hookimpl
-from milbench.models.attention_mil import ATTENTION_MIL_PARAMS
+from milbench.models.attention_mil import ATTENTION_MIL_PARAMS, PAPER_MODEL
 
 
 class ABMIL(Method):
@@ -18,7 +18,7 @@ class ABMIL(Method):
     supervision = "bag"
     description = "gated-attention MIL; encoder over the whole bag with autograd (memory grows with N)"
     params = ATTENTION_MIL_PARAMS
-    presets = {"paper": {"encoder": "resnet18", "feat_dim": 2048, "attn_dim": 524, "norm": "frozen"}}
+    presets = {"paper": PAPER_MODEL}
 
     def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
         from milbench.models.attention_mil import build_attention_mil

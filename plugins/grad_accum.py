@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from milbench.api import Bag, DataSpec, Method, Param, Prediction, RunContext, hookimpl
-from milbench.models.attention_mil import ATTENTION_MIL_PARAMS
+from milbench.models.attention_mil import ATTENTION_MIL_PARAMS, PAPER_MODEL
 
 PARAMS: dict[str, Param] = {
     **ATTENTION_MIL_PARAMS,
@@ -42,7 +42,7 @@ class GradAccumABMIL(Method):
     description = ("abmil's model and gradient, encoder run in chunks: no-grad pass, one head backward "
                    "for dL/dH, per-chunk recompute (memory flat in N)")
     params = PARAMS
-    presets = {"paper": {"encoder": "resnet18", "feat_dim": 2048, "attn_dim": 524, "norm": "frozen"}}
+    presets = {"paper": PAPER_MODEL}
     # Bags of 8 in smoke: a chunk of 3 exercises a last chunk that does not divide N.
     smoke = {"chunk_size": 3}
 

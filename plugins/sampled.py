@@ -39,7 +39,7 @@ import math
 from typing import Any, Mapping
 
 from milbench.api import Bag, DataSpec, Method, Param, Prediction, RunContext, hookimpl
-from milbench.models.attention_mil import ATTENTION_MIL_PARAMS
+from milbench.models.attention_mil import ATTENTION_MIL_PARAMS, PAPER_MODEL
 
 PARAMS: dict[str, Param] = {
     **ATTENTION_MIL_PARAMS,
@@ -89,7 +89,7 @@ class SampledABMIL(Method):
     description = ("abmil trained on ceil(p*N) instances drawn per bag visit (memory ~ p*N); "
                    "predicts by majority vote over repeated samples or on the full bag")
     params = PARAMS
-    presets = {"paper": {"encoder": "resnet18", "feat_dim": 2048, "attn_dim": 524, "norm": "frozen"}}
+    presets = {"paper": PAPER_MODEL}
     smoke = {"vote_samples": 3}
 
     def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):

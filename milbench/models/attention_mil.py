@@ -26,6 +26,10 @@ ATTENTION_MIL_PARAMS: dict[str, Param] = {
     "dropout": Param(0.0, float, "dropout on the attention hidden layer", low=0, high=1, high_open=True),
 }
 
+#: The model of Andersson et al. 2022 (ResNet-18-style encoder, 2048-d features,
+#: attention 2048 -> 524 -> 1), shared by the ABMIL-family methods' ``paper`` preset.
+PAPER_MODEL: dict[str, Any] = {"encoder": "resnet18", "feat_dim": 2048, "attn_dim": 524, "norm": "frozen"}
+
 _FEAT_DEFAULT = {"lenet": 500, "cnn": 128, "resnet18": 2048}
 _NORM_DEFAULT = {"lenet": "none", "cnn": "group", "resnet18": "frozen"}
 
