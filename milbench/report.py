@@ -16,6 +16,9 @@ import pandas as pd
 
 from milbench.records import iter_records
 
+#: What a table cell says for a method × dataset with no record at all.
+NOT_RUN = "not run"
+
 DEFAULT_METRICS = ("bag_auc", "bag_accuracy", "dice", "train_s_per_bag", "peak_mib")
 
 #: Derived columns: name -> (record path, scale, help)
@@ -175,7 +178,7 @@ def to_markdown(summary: pd.DataFrame) -> str:
     head = ["method"] + [f"{titles[d]}: {m}" for d, m in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([r] + [cells.get((r, d, m), "") for d, m in cols]) + " |")
+        lines.append("| " + " | ".join([r] + [cells.get((r, d, m), NOT_RUN) for d, m in cols]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,7 +198,7 @@ def to_rich(summary: pd.DataFrame, title: str = "milbench") -> Any:
     for r in rows:
         vals = []
         for d, m in cols:
-            v = cells.get((r, d, m), "")
+            v = cells.get((r, d, m), NOT_RUN)
             v = escape(v)
             if m != "runs" and v and v[0].isalpha() and v != "—":
                 v = f"[red]{v}[/red]"

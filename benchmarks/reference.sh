@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Regenerate the committed reference results (results/README.md tables and plots).
+# Every point is a fresh `milbench run` process; rerunning resumes (finished points are skipped).
+#   MILBENCH_DATA_ROOT=../shared/data bash benchmarks/reference.sh [sweeps|tables|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-all}"
+: "${MILBENCH_DATA_ROOT:?set MILBENCH_DATA_ROOT to the folder with MNIST/, imagenette2-*/ and mouse-brain-ca1/}"
+export MILBENCH_DATA_ROOT
+
+if [[ "$what" == sweeps || "$what" == all ]]; then
+  # 5 methods x 3 datasets, default preset, 3 seeds
+  milbench sweep -m all -d all --seeds 0,1,2 --device cpu --results results/reference
+  # bag size: abmil vs grad-accum vs sampled, one fresh `milbench run` per point
+  python benchmarks/bag_size_memory.py --results results/bag-size-cpu --cpu-time
+  # image size: streamed vs plain trunk forward+backward, one fresh process per point
+  python benchmarks/streaming_memory.py --out results/streaming-memory-cpu/cpu --trunks small \
+    --sides 512 1024 2048 4096 8192 --tile small=512 --repeats 2 --mem-limit-gb 8
+  python benchmarks/streaming_memory.py --out results/streaming-memory-cpu/cpu --trunks resnet34 \
+    --sides 512 1024 2048 --tile resnet34=1920 --mem-limit-gb 8
+fi
+
+if [[ "$what" == tables || "$what" == all ]]; then
+  milbench report --results results/reference --format markdown \
+    --metric bag_auc --metric bag_accuracy --metric dice --metric train_cpu_s_per_bag --metric peak_mib \
+    -o results/reference.md
+  milbench report --results results/reference --format markdown --dataset mouse-brain \
+    --metric mean_dice --metric dice --metric bag_auc -o results/reference-mouse-brain.md
+  milbench plot --results results/reference --kind tradeoff --metric bag_auc -o results/tradeoff.png
+  milbench report --results results/bag-size-cpu --format markdown --metric train_s_per_bag --metric peak_mib \
+    -o results/bag-size-cpu.md
+  milbench report --results results/parity-cpu --format markdown --metric bag_auc --metric bag_accuracy \
+    --metric dice -o results/parity-cpu.md
+  milbench plot --results results/bag-size-cpu --x bag_size --logx -o results/bag-size-cpu.png
+fi
