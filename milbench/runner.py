@@ -177,6 +177,32 @@ class RunInterrupted(KeyboardInterrupt):
         self.record = record
 
 
+_NULL_MEMORY = {"gpu_peak_bytes": None, "gpu_peak_method": None, "torch_peak_allocated_bytes": None,
+                "torch_peak_reserved_bytes": None, "cpu_peak_rss_bytes": None}
+
+
+def new_record(plan: RunPlan, device: str, data_root: str | None, max_memory: int | None,
+               extra: Mapping[str, Any] | None = None, status: str = "failed", error: str | None = None) -> dict[str, Any]:
+    """The skeleton of a point's record, before anything ran: every required key,
+    measurements null. :func:`execute` fills it from the child; a sweep driver
+    writes it as is when an engine lost a point without a record."""
+    from milbench.environment import git_state
+
+    record: dict[str, Any] = {k: None for k in REQUIRED_KEYS}
+    record.update({
+        "schema_version": SCHEMA_VERSION, "run_id": new_run_id(plan.method, plan.dataset, plan.seed),
+        "created": now_iso(), "status": status, "error": error,
+        "method": plan.method, "dataset": plan.dataset, "preset": plan.preset, "config": plan.config,
+        "config_hash": plan.config_hash, "seed": plan.seed, "supervision": plan.supervision,
+        "smoke": plan.smoke, "overrides": plan.overrides, "device_requested": device,
+        "data_root": data_root, "metrics": {}, "timing": {}, "memory": {**_NULL_MEMORY, "max_memory_bytes": max_memory},
+        "history": [], "environment": {}, "log": None, "git": git_state(),
+        "command": sys.argv[1:] if sys.argv else None,
+    })
+    record.update(extra or {})
+    return record
+
+
 def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str | None = None,
             timeout: float | None = None, max_memory: int | None = None, quiet: bool = False,
             extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -185,22 +211,14 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
     Raises :class:`RunInterrupted` (after writing the record) if the user
     interrupted; every other outcome is a record, never an exception.
     """
-    from milbench.environment import git_state, host_environment
+    from milbench.environment import host_environment
 
-    run_id = new_run_id(plan.method, plan.dataset, plan.seed)
+    record = new_record(plan, device, data_root, max_memory, extra)
+    run_id = record["run_id"]
     artifact_dir = results / "artifacts" / run_id
     log_path = results / "logs" / f"{run_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {k: None for k in REQUIRED_KEYS}
-    record.update({
-        "schema_version": SCHEMA_VERSION, "run_id": run_id, "created": now_iso(), "status": "failed",
-        "method": plan.method, "dataset": plan.dataset, "preset": plan.preset, "config": plan.config,
-        "config_hash": plan.config_hash, "seed": plan.seed, "supervision": plan.supervision,
-        "smoke": plan.smoke, "overrides": plan.overrides, "device_requested": device,
-        "data_root": data_root, "metrics": {}, "timing": {}, "memory": {}, "history": [],
-        "log": str(log_path), "git": git_state(), "command": sys.argv[1:] if sys.argv else None,
-    })
-    record.update(extra or {})
+    record["log"] = str(log_path)
     with tempfile.TemporaryDirectory(prefix="milbench-run-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps({
@@ -255,12 +273,7 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
             " (possibly out of memory)" if code == -signal.SIGKILL else "")
     record["timing"] = {**(record.get("timing") or {}), "wall_s": wall}
     record["exit_code"] = code
-    record["memory"].setdefault("gpu_peak_bytes", None)
-    record["memory"].setdefault("gpu_peak_method", None)
-    record["memory"].setdefault("torch_peak_allocated_bytes", None)
-    record["memory"].setdefault("torch_peak_reserved_bytes", None)
-    record["memory"].setdefault("cpu_peak_rss_bytes", None)
-    record["memory"]["max_memory_bytes"] = max_memory
+    record["memory"] = {**_NULL_MEMORY, **(record.get("memory") or {}), "max_memory_bytes": max_memory}
     if not (artifact_dir.exists() and any(artifact_dir.iterdir())):
         record.pop("artifacts", None)
     write_record(results, record)

@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from milbench.errors import ConfigError, MilbenchError, unknown_name
-from milbench.records import (REQUIRED_KEYS, SCHEMA_VERSION, iter_records, new_run_id, now_iso, write_json_atomic,
-                              write_record)
+from milbench.records import iter_records, now_iso, write_json_atomic, write_record
 from milbench.runner import RunInterrupted, RunPlan, execute, plan_run
 
 #: Statuses a point can end with (``preempted``: the scheduler took the job's node away).
@@ -359,21 +358,9 @@ def run_point(task: PointTask) -> dict[str, Any]:
 def engine_failure_record(task: PointTask, status: str, error: str, engine: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The record the driver writes when an engine lost a point without one
     (a worker that died, a task the engine refused, a job killed at its hard limit)."""
-    from milbench.environment import git_state
+    from milbench.runner import new_record
 
-    plan = task.plan
-    record: dict[str, Any] = {k: None for k in REQUIRED_KEYS}
-    record.update({
-        "schema_version": SCHEMA_VERSION, "run_id": new_run_id(plan.method, plan.dataset, plan.seed),
-        "created": now_iso(), "status": status, "error": error, "method": plan.method, "dataset": plan.dataset,
-        "preset": plan.preset, "config": plan.config, "config_hash": plan.config_hash, "seed": plan.seed,
-        "supervision": plan.supervision, "smoke": plan.smoke, "overrides": plan.overrides,
-        "device_requested": task.device, "data_root": task.data_root, "metrics": {}, "timing": {},
-        "memory": {"gpu_peak_bytes": None, "gpu_peak_method": None, "torch_peak_allocated_bytes": None,
-                   "torch_peak_reserved_bytes": None, "cpu_peak_rss_bytes": None, "max_memory_bytes": task.max_memory},
-        "history": [], "environment": {}, "git": git_state(), "log": None,
-    })
-    record.update(task.extra)
+    record = new_record(task.plan, task.device, task.data_root, task.max_memory, task.extra, status, error)
     record["executor"] = {"name": task.executor, "attempt": task.attempt, **(engine or {}), "lost_by_engine": True}
     write_record(Path(task.results), record)
     return record
