@@ -136,8 +136,9 @@ class Splits:
 
     ``train``/``val``/``test`` are sequences of :class:`Bag` (they may build
     bags lazily). ``info`` goes into the record verbatim: at least ``source``
-    (``"sample"`` or ``"full"``), ``files`` read, ``split_seed`` and per-split
-    instance-id hashes.
+    (``"sample"`` when a reduced copy shipped in the package was read — the
+    report flags it — otherwise a dataset-specific name of what was read),
+    ``files`` read, ``split_seed`` and per-split instance-id hashes.
     """
 
     spec: DataSpec
