@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -135,10 +134,10 @@ def data_group(ctx: click.Context, data_root: str | None, as_json: bool) -> None
 
 
 def _print_status(rows: list[dict[str, Any]], data_root: str | None) -> None:
-    from rich.console import Console
+    from milbench.console import make_console
     from rich.table import Table
 
-    console = Console(file=sys.stdout, soft_wrap=False)
+    console = make_console()
     origins = _root_origins(data_root)
     console.print("Data roots, searched in order: "
                   + "; ".join(f"{i}. {r}" + (f" ({why})" if why else "") for i, (r, why) in enumerate(origins, 1)))

@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from milbench.api import Bag, DataSpec, Method, Param, Prediction, RunContext, hookimpl
 from milbench.models.attention_mil import ATTENTION_MIL_PARAMS, PAPER_MODEL
+
+if TYPE_CHECKING:  # annotations only: this module must not import torch at registration
+    import torch
 
 PARAMS: dict[str, Param] = {
     **ATTENTION_MIL_PARAMS,

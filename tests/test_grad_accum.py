@@ -10,7 +10,6 @@ import torch
 from conftest import run_cli
 from milbench.api import Bag, DataSpec, RunContext
 from milbench.errors import ConfigError
-from milbench.models.attention import bag_loss
 from milbench.models.chunked import chunk_slices, chunked_backward, encode_chunks
 from milbench_plugins.abmil import ABMIL
 from milbench_plugins.grad_accum import PARAMS, GradAccumABMIL

@@ -3,7 +3,6 @@ plugins isolated and reported, duplicates named, MILBENCH_PLUGINS filtering."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys

@@ -3,7 +3,6 @@ bad input is one line."""
 
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
 import signal

@@ -3,8 +3,6 @@ failures recorded, determinism on CPU."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 

@@ -66,9 +66,9 @@ def compare(a, b, results, datasets, presets, metrics, include_smoke, fmt, outpu
     else:
         table = cmp.compare_methods(frames[0], a, b, chosen, strict=bool(metrics))
     if fmt == "table":
-        from rich.console import Console
+        from milbench.console import make_console
 
-        console = Console(file=open(output, "w") if output else None, width=200 if output else None)
+        console = make_console(open(output, "w") if output else None)
         console.print(cmp.to_rich(table, *names))
         return
     if fmt == "markdown":
