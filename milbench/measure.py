@@ -20,10 +20,6 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 
-class MemoryLimitExceeded(Exception):
-    """The child crossed ``--max-memory`` (CPU RSS watchdog)."""
-
-
 class ResourceSampler:
     """Polls process RSS (psutil) and GPU memory (NVML) in a daemon thread.
 
