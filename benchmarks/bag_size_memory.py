@@ -237,7 +237,7 @@ Reading the table:
 def write_readme(results: Path, args: argparse.Namespace) -> Path:
     from milbench.report import load_frame, summarize, to_markdown
 
-    text = [f"# Peak memory and time per bag against bag size (CPU)\n",
+    text = ["# Peak memory and time per bag against bag size (CPU)\n",
             "Made by `benchmarks/bag_size_memory.py` from the JSON records in this folder "
             "(one fresh `milbench run` per point; see the script's docstring for the accounting).\n",
             "Fixed config: " + ", ".join(f"{k}={v}" for k, v in FIXED.items())

@@ -18,6 +18,15 @@ if [[ "$what" == sweeps || "$what" == all ]]; then
     --sides 512 1024 2048 4096 8192 --tile small=512 --repeats 2 --mem-limit-gb 8
   python benchmarks/streaming_memory.py --out results/streaming-memory-cpu/cpu --trunks resnet34 \
     --sides 512 1024 2048 --tile resnet34=1920 --mem-limit-gb 8
+  python benchmarks/streaming_memory.py --out results/streaming-memory-cpu/area --trunks resnet34 \
+    --sides 2048 --tile resnet34=1920 --tile-shape area --mem-limit-gb 16
+  # transcriptome CNN on mouse-brain: five backbones x two patch fields of view x 3 seeds
+  bb=resnet18,efficientnet_b0,mobilenetv3_small_100,densenet121,convnext_atto
+  milbench sweep -m transcriptome-cnn -d mouse-brain --grid backbone=$bb --seeds 0,1,2 --device cpu \
+    --results results/mouse-brain-cpu
+  milbench sweep -m transcriptome-cnn -d mouse-brain --grid backbone=$bb --seeds 0,1,2 --device cpu \
+    --results results/mouse-brain-cpu --set instance_size=64 --set bag_size=4 --set n_train_bags=600 \
+    --set patch_size=32 --set patch_fit=resize
 fi
 
 if [[ "$what" == tables || "$what" == all ]]; then

@@ -28,17 +28,87 @@ def streaming_tables() -> str:
     import streaming_memory
 
     out = []
-    for sub, title in (("cpu", "default allocator"), ("cpu-mmap", "MALLOC_MMAP_THRESHOLD_=65536")):
+    for sub, title in (("cpu", "square tiles, default allocator"), ("cpu-mmap", "square tiles, MALLOC_MMAP_THRESHOLD_=65536"),
+                       ("area", "rectangular tiles of at most tile² pixels (`--tile-shape area`)")):
         rows = [json.loads(Path(f).read_text()) for f in sorted(glob.glob(str(ROOT / f"results/streaming-memory-cpu/{sub}/*.json")))]
         if rows:
             out.append(f"**{title}** (`results/streaming-memory-cpu/{sub}/`)\n\n" + streaming_memory.table(rows))
     return "\n\n".join(out)
 
 
+def _cell(vals) -> str:
+    import math
+
+    vals = [float(v) for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "—"
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{mean:.3f}"
+    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def mouse_brain_table() -> str:
+    """Transcriptome CNN: backbone x patch field of view, 3 seeds, from results/mouse-brain-cpu;
+    then abmil / grad-accum (results/reference) on the one Dice every method has (gene A)."""
+    from milbench.report import latest_per_point, load_frame
+
+    df = latest_per_point(load_frame(str(ROOT / "results/mouse-brain-cpu")))
+    if df.empty:
+        return "(no records yet)"
+    df = df[df["method"] == "transcriptome-cnn"]
+    classes = ("background", "gene_a", "gene_b", "tissue")
+    head = ("| backbone | patch field (input) | area mean Dice | " + " | ".join(f"area Dice {c}" for c in classes)
+            + " | region mean Dice | gene-A `dice` | train s | train CPU s | peak RSS MiB | runs |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    df = df.assign(_field=[int(i) if f == "resize" else int(p if p == p and p else i)
+                           for i, p, f in zip(df["config.instance_size"], df["config.patch_size"],
+                                              df["config.patch_fit"])],
+                   _input=[int(p if p == p and p else i) for i, p in zip(df["config.instance_size"],
+                                                                         df["config.patch_size"])])
+    order = {b: k for k, b in enumerate(("resnet18", "efficientnet_b0", "mobilenetv3_small_100", "densenet121",
+                                          "convnext_atto"))}
+    groups = sorted(df.groupby(["config.backbone", "_field", "_input"]),
+                    key=lambda kv: (kv[0][1], order.get(kv[0][0], 99), kv[0][0]))
+    for (backbone, field, inp), g in groups:
+        ok = g[g["status"] == "ok"]
+
+        def col(name: str) -> str:
+            c = f"metrics.{name}" if f"metrics.{name}" in ok else name
+            return _cell(list(ok[c])) if c in ok else "—"
+
+        statuses = g["status"].value_counts()
+        runs = ", ".join(f"{n} {s}" for s, n in statuses.items())
+        lines.append(f"| {backbone} | {field} px ({inp} px) | {col('area_mean_dice')} | "
+                     + " | ".join(col(f"area_dice_{c}") for c in classes)
+                     + f" | {col('mean_dice')} | {col('dice')} | {col('train_s')} | {col('timing.train_cpu_s')} | "
+                     f"{col('peak_mib')} | {runs} |")
+    ref = latest_per_point(load_frame(str(ROOT / "results/reference")))
+    ref = ref[(ref["dataset"] == "mouse-brain") & (ref["status"] == "ok")]
+    lines += ["", "| method (results/reference, default preset) | gene-A `dice` | bag AUC | train s | peak RSS MiB | seeds |",
+              "|---|---|---|---|---|---|"]
+    for method, g in sorted(ref.groupby("method")):
+        lines.append(f"| {method} | {_cell(list(g['metrics.dice']))} | {_cell(list(g['metrics.bag_auc']))} | "
+                     f"{_cell(list(g['train_s']))} | {_cell(list(g['peak_mib']))} | {len(g)} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_dataset_reference() -> str:
+    """The 5 x 3 table as one table per dataset (a single wide table has 19 columns)."""
+    parts = []
+    for dataset in ("qmnist", "imagenette", "mouse-brain"):
+        parts.append(f"**{dataset}**\n\n" + report("results/reference", "bag_auc", "bag_accuracy", "dice",
+                                                     "train_cpu_s_per_bag", "train_s", "peak_mib",
+                                                     extra=("--dataset", dataset)))
+    return "\n".join(parts)
+
+
 def main() -> None:
     template = (ROOT / "benchmarks" / "results_readme.md.in").read_text()
     text = template.format(
-        reference=report("results/reference", "bag_auc", "bag_accuracy", "dice", "train_cpu_s_per_bag", "peak_mib"),
+        reference=per_dataset_reference(),
+        mouse_brain=mouse_brain_table(),
         reference_mouse=report("results/reference", "mean_dice", "dice", "bag_auc", extra=("--dataset", "mouse-brain")),
         parity=report("results/parity-cpu", "bag_auc", "bag_accuracy", "dice"),
         bag_size=report("results/bag-size-cpu", "train_s_per_bag", "peak_mib"),

@@ -10,6 +10,9 @@ next. A point writes one JSON file; the driver prints a table at the end.
         --sides 512 1024 2048 4096 8192 --tile small=512 --repeats 2 --mem-limit-gb 8
     python benchmarks/streaming_memory.py --out results/streaming-memory-cpu --trunks resnet34 \\
         --sides 512 1024 2048 --tile resnet34=1920 --repeats 1 --mem-limit-gb 8
+    # the same memory bound with rectangular tiles (less overlap, less recomputation):
+    python benchmarks/streaming_memory.py --out results/streaming-memory-cpu/area --trunks resnet34 \\
+        --sides 2048 3072 --tile resnet34=1920 --tile-shape area --repeats 1 --mem-limit-gb 16
     # on a GPU (NVML and torch peaks; no data limit):
     python benchmarks/streaming_memory.py --out results/streaming-memory-gpu --device cuda \\
         --sides 1024 2048 4096 8192 16384 --tile small=2048 resnet34=3200
@@ -141,11 +144,12 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     trunk = build_trunk(args.trunk, 3).to(device)
-    stream = StreamingTrunk(trunk, args.tile)
+    stream = StreamingTrunk(trunk, args.tile, args.tile_shape)
     geo = stream.geometry
     record = {
         "trunk": args.trunk, "side": args.side, "mode": args.mode,
         "tile_size": args.tile if args.mode == "streamed" else None,
+        "tile_shape": args.tile_shape if args.mode == "streamed" else None,
         "device": str(device), "threads": args.threads, "mem_limit_gb": args.mem_limit_gb,
         "torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_name(),
         "host_image": bool(args.host_image and args.mode == "streamed"),
@@ -153,8 +157,9 @@ def worker(args: argparse.Namespace) -> dict:
         "receptive_field": list(geo.receptive_field), "status": "ok", "error": None,
     }
     if args.mode == "streamed":
-        plan = describe(geo, args.side, args.side, args.tile)
-        record.update({"tiles": plan["tiles"], "overlap_factor": plan["overlap_factor"]})
+        plan = describe(geo, args.side, args.side, args.tile, args.tile_shape)
+        record.update({"tiles": plan["tiles"], "overlap_factor": plan["overlap_factor"],
+                       "largest_tile": plan["largest_tile"]})
     # warm-up on a small image so that one-time allocations are in the baseline, not the measurement
     warm = torch.randn(1, 3, 64, 64, device=device)
     trunk(warm).sum().backward()
@@ -243,7 +248,7 @@ def driver(args: argparse.Namespace) -> None:
                     rows.append(json.loads(path.read_text()))
                     continue
                 cmd = [sys.executable, __file__, "--worker", "--trunk", trunk, "--side", str(side), "--mode", mode,
-                       "--tile-px", str(tile), "--device", args.device, "--threads", str(args.threads),
+                       "--tile-px", str(tile), "--tile-shape", args.tile_shape, "--device", args.device, "--threads", str(args.threads),
                        "--mem-limit-gb", str(args.mem_limit_gb), "--repeats", str(args.repeats), "--json", str(path)]
                 if args.host_image:
                     cmd.append("--host-image")
@@ -278,8 +283,8 @@ def _row(r: dict) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown table: per trunk and side, streamed vs plain time and memory."""
     by = {(r["trunk"], r["side"], r["mode"]): r for r in rows}
-    lines = ["| trunk | side | tile | tiles | plain s | streamed s | ratio | plain peak RSS MiB "
-             "| streamed peak RSS MiB | plain working MiB | streamed working MiB |", "|" + "---|" * 11]
+    lines = ["| trunk | side | tile | tiles | overlap | plain s | streamed s | ratio | plain peak RSS MiB "
+             "| streamed peak RSS MiB | plain working MiB | streamed working MiB |", "|" + "---|" * 12]
     for trunk, side in sorted({(r["trunk"], r["side"]) for r in rows}):
         p, s = by.get((trunk, side, "plain"), {}), by.get((trunk, side, "streamed"), {})
 
@@ -287,7 +292,7 @@ def table(rows: list[dict]) -> str:
             return f"{r['seconds']:.2f}" if r.get("status") == "ok" else (r.get("status") or "-")
 
         ratio = f"{s['seconds'] / p['seconds']:.2f}" if p.get("status") == s.get("status") == "ok" else "-"
-        lines.append(f"| {trunk} | {side} | {s.get('tile_size', '-')} | {s.get('tiles', '-')} | {t(p)} | {t(s)} "
+        lines.append(f"| {trunk} | {side} | {s.get('tile_size', '-')} | {s.get('tiles', '-')} | {s.get('overlap_factor', '-')} | {t(p)} | {t(s)} "
                      f"| {ratio} "
                      f"| {_mib(p.get('peak_rss_bytes')) if p else '-'} | {_mib(s.get('peak_rss_bytes')) if s else '-'} "
                      f"| {_mib(p.get('working_bytes'))} | {_mib(s.get('working_bytes'))} |")
@@ -303,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modes", nargs="+", default=["plain", "streamed"], choices=["plain", "streamed"])
     ap.add_argument("--tile", nargs="*", default=[], help="TRUNK=PIXELS tile sizes (e.g. small=512 resnet34=1920)")
     ap.add_argument("--default-tile", type=int, default=512)
+    ap.add_argument("--tile-shape", default="square", choices=["square", "area"],
+                    help="square: tile sides <= the tile size; area: rectangles of <= tile size**2 pixels that "
+                         "recompute least (e.g. full-width strips)")
     ap.add_argument("--plain-max-side", nargs="*", default=[], help="TRUNK=SIDE: skip plain points above")
     ap.add_argument("--streamed-max-side", nargs="*", default=[], help="TRUNK=SIDE: skip streamed points above")
     ap.add_argument("--device", default="cpu")

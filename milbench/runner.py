@@ -276,7 +276,18 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
     record["memory"] = {**_NULL_MEMORY, **(record.get("memory") or {}), "max_memory_bytes": max_memory}
     if not (artifact_dir.exists() and any(artifact_dir.iterdir())):
         record.pop("artifacts", None)
+    elif isinstance(record.get("artifacts"), dict):
+        # paths relative to the results directory, so that a committed or copied results folder stays readable
+        record["artifacts"] = {k: _relative_to(v, results) for k, v in record["artifacts"].items()}
     write_record(results, record)
     if record["status"] == "interrupted" and outcome == "interrupted":
         raise RunInterrupted(record)
     return record
+
+
+def _relative_to(path: str, results: Path) -> str:
+    """``path`` relative to ``results`` when it lies inside it, else unchanged."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(results).resolve()))
+    except (ValueError, OSError):
+        return path

@@ -136,16 +136,54 @@ def test_tile_at_least_image_is_one_plain_pass():
         assert torch.equal(stream.forward_streamed(x), trunk(x))
 
 
-def test_tiles_cover_feature_map_once():
+@pytest.mark.parametrize("shape", ["square", "area"])
+def test_tiles_cover_feature_map_once(shape):
     geo = geometry(resnet_trunk())
     h, w = 301, 257
-    tiles = plan_tiles(geo, h, w, 150)
+    tiles = plan_tiles(geo, h, w, 150, shape)
+    assert len(tiles) > 1
     cover = torch.zeros(geo.output_size(h, w), dtype=torch.int64)
     for t in tiles:
         cover[t.out_rows, t.out_cols] += 1
-        assert t.rows.stop - t.rows.start <= 150 and t.cols.stop - t.cols.start <= 150
+        th, tw = t.rows.stop - t.rows.start, t.cols.stop - t.cols.start
+        if shape == "square":
+            assert th <= 150 and tw <= 150
+        assert th * tw <= 150 * 150, "the memory bound: a tile holds at most tile_size**2 pixels"
         assert t.rows.start % geo.stride[0] == 0 and t.cols.start % geo.stride[1] == 0
     assert bool((cover == 1).all())
+
+
+def test_area_tiles_recompute_less_under_the_same_bound():
+    """ResNet-34 at 2048 px with 1920-px tiles: 2x2 squares read 2.1x the image,
+    full-height strips of at most 1920**2 pixels read 1.45x."""
+    from milbench.models.clam import build_trunk
+    from milbench.models.streaming import describe
+
+    geo = geometry(build_trunk("resnet34", 3))
+    square, area = describe(geo, 2048, 2048, 1920), describe(geo, 2048, 2048, 1920, "area")
+    assert square["tiles"] == 4 and abs(square["overlap_factor"] - 2.1116) < 1e-3
+    assert area["tiles"] == 2 and area["overlap_factor"] < 1.5
+    assert area["largest_tile"][0] * area["largest_tile"][1] <= 1920 * 1920
+    for side, tile in [(3000, 1500), (4096, 3200), (8192, 3200), (2500, 1100)]:
+        assert describe(geo, side, side, tile, "area")["overlap_factor"] <= describe(geo, side, side, tile)["overlap_factor"]
+    with pytest.raises(ConfigError, match="tile shape 'round'; valid: square, area"):
+        StreamingTrunk(build_trunk("resnet34", 3), 1920, "round")
+
+
+@pytest.mark.parametrize("name", list(TRUNKS))
+def test_float64_area_tiles_equal_plain(name):
+    build, (h, w), tiles = TRUNKS[name]
+    trunk = build().double()
+    x = torch.randn(1, 3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref, grad, ref_grads, ref_gx = _reference(trunk, x)
+    stream = StreamingTrunk(trunk, tiles[1], "area")
+    assert len(stream.tiles(h, w)) > 1
+    trunk.zero_grad(set_to_none=True)
+    out = stream.forward_streamed(x)
+    gx = stream.backward_streamed(x, grad, input_grad=True)
+    assert (out - ref).abs().max().item() <= 1e-9
+    assert all((p.grad - r).abs().max().item() <= 1e-9 for p, r in zip(trunk.parameters(), ref_grads))
+    assert (gx - ref_gx).abs().max().item() <= 1e-9
 
 
 def test_geometry_is_computed_from_layers():

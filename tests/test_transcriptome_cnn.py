@@ -236,3 +236,25 @@ def test_plugin_module_does_not_import_torch():
         str(ROOT), str(ROOT / "plugins" / "transcriptome_cnn.py"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_cli_run_on_the_embedded_section_writes_record_and_figure(tmp_path):
+    """`milbench run -m transcriptome-cnn -d mouse-brain` on a fresh install: no data root,
+    the embedded CA1 section; the record carries dense-map Dice and names its figure
+    relative to the results folder (so a committed results folder stays readable)."""
+    from conftest import records_in, run_cli
+
+    env = {"MILBENCH_DATA_ROOT": "", "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "MILBENCH_PLUGINS": "transcriptome-cnn,mouse-brain"}
+    out = tmp_path / "runs"
+    res = run_cli("run", "-m", "transcriptome-cnn", "-d", "mouse-brain", "--smoke", "--device", "cpu",
+                  "--results", str(out), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (rec,) = records_in(out)
+    assert rec["status"] == "ok" and rec["data"]["source"] == "embedded"
+    m = rec["metrics"]
+    assert 0.0 <= m["mean_dice"] <= 1.0 and 0.0 <= m["area_mean_dice"] <= 1.0
+    for key in ("dice_gene_a", "precision_tissue", "recall_background", "area_dice_gene_b"):
+        assert m[key] is None or 0.0 <= m[key] <= 1.0, key  # None: class absent from truth and prediction
+    fig = rec["artifacts"]["area_figure"]
+    assert not fig.startswith("/") and (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
