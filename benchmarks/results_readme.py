@@ -36,7 +36,7 @@ def streaming_tables() -> str:
     return "\n\n".join(out)
 
 
-def _cell(vals) -> str:
+def _cell(vals, digits: int = 3) -> str:
     import math
 
     vals = [float(v) for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -44,9 +44,9 @@ def _cell(vals) -> str:
         return "—"
     mean = sum(vals) / len(vals)
     if len(vals) == 1:
-        return f"{mean:.3f}"
+        return f"{mean:,.{digits}f}"
     std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-    return f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:,.{digits}f} ± {std:,.{digits}f}"
 
 
 def mouse_brain_table() -> str:
@@ -74,23 +74,23 @@ def mouse_brain_table() -> str:
     for (backbone, field, inp), g in groups:
         ok = g[g["status"] == "ok"]
 
-        def col(name: str) -> str:
+        def col(name: str, digits: int = 3) -> str:
             c = f"metrics.{name}" if f"metrics.{name}" in ok else name
-            return _cell(list(ok[c])) if c in ok else "—"
+            return _cell(list(ok[c]), digits) if c in ok else "—"
 
         statuses = g["status"].value_counts()
         runs = ", ".join(f"{n} {s}" for s, n in statuses.items())
         lines.append(f"| {backbone} | {field} px ({inp} px) | {col('area_mean_dice')} | "
                      + " | ".join(col(f"area_dice_{c}") for c in classes)
-                     + f" | {col('mean_dice')} | {col('dice')} | {col('train_s')} | {col('timing.train_cpu_s')} | "
-                     f"{col('peak_mib')} | {runs} |")
+                     + f" | {col('mean_dice')} | {col('dice')} | {col('train_s', 0)} | {col('timing.train_cpu_s', 0)} | "
+                     f"{col('peak_mib', 0)} | {runs} |")
     ref = latest_per_point(load_frame(str(ROOT / "results/reference")))
     ref = ref[(ref["dataset"] == "mouse-brain") & (ref["status"] == "ok")]
     lines += ["", "| method (results/reference, default preset) | gene-A `dice` | bag AUC | train s | peak RSS MiB | seeds |",
               "|---|---|---|---|---|---|"]
     for method, g in sorted(ref.groupby("method")):
         lines.append(f"| {method} | {_cell(list(g['metrics.dice']))} | {_cell(list(g['metrics.bag_auc']))} | "
-                     f"{_cell(list(g['train_s']))} | {_cell(list(g['peak_mib']))} | {len(g)} |")
+                     f"{_cell(list(g['train_s']), 0)} | {_cell(list(g['peak_mib']), 0)} | {len(g)} |")
     return "\n".join(lines) + "\n"
 
 

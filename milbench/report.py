@@ -91,6 +91,14 @@ def varying_keys(df: pd.DataFrame) -> list[str]:
     return out
 
 
+def _value_text(v: Any) -> str:
+    """A config value in a row label: 32, not the 32.0 that pandas makes of an int
+    column holding a missing value."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
 def _fmt(mean: float, std: float, n: int) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
@@ -121,7 +129,7 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> pd.
         gd = dict(zip(group_cols, gkey))
         label = gd["method"]
         extras = ([str(gd["preset"])] if presets else []) + [
-            f"{k.split('.', 1)[1]}={gd[k]}" for k in keys if not pd.isna(gd[k])]
+            f"{k.split('.', 1)[1]}={_value_text(gd[k])}" for k in keys if not pd.isna(gd[k])]
         if extras:
             label += " [" + ", ".join(extras) + "]"
         ok = g[g["status"] == "ok"]
@@ -240,7 +248,7 @@ def failure_notes(df: pd.DataFrame) -> list[str]:
             continue
         gd = dict(zip(group_cols, gkey))
         extras = ([str(gd["preset"])] if presets else []) + [
-            f"{k.split('.', 1)[1]}={gd[k]}" for k in keys if not pd.isna(gd[k])]
+            f"{k.split('.', 1)[1]}={_value_text(gd[k])}" for k in keys if not pd.isna(gd[k])]
         label = gd["method"] + (" [" + ", ".join(extras) + "]" if extras else "")
         parts = []
         for status, gs in sorted(g.groupby("status"), key=lambda x: _NOTE_ORDER.get(x[0], 99)):

@@ -84,6 +84,20 @@ def test_swept_key_becomes_row(tmp_path):
     assert sorted(s["row"]) == ["abmil [bag_size=16]", "abmil [bag_size=64]"]
 
 
+def test_int_key_set_in_some_runs_only_is_labelled_as_int(tmp_path):
+    """A key missing from some records makes pandas hold the others as floats;
+    the row label must still say patch_size=32, not 32.0."""
+    from milbench.report import load_frame, summarize
+
+    plain, patched = _rec("p0", "abmil", "qmnist", 0), _rec("p1", "abmil", "qmnist", 0)
+    patched["config"] = {**patched["config"], "patch_size": 32}
+    patched["config_hash"] = "hpatched"
+    for r in (plain, patched):
+        write_record(tmp_path, r)
+    rows = sorted(summarize(load_frame(str(tmp_path)), ["bag_auc"])["row"])
+    assert rows == ["abmil", "abmil [patch_size=32]"]
+
+
 def test_unknown_metric_is_one_line(results):
     res = run_cli("report", "--results", str(results), "--metric", "bag_aux")
     assert res.returncode == 2 and "unknown metric 'bag_aux'" in res.stderr and "Traceback" not in res.stderr
