@@ -29,6 +29,8 @@ def streaming_tables() -> str:
 
     out = []
     for sub, title in (("cpu", "square tiles, default allocator"), ("cpu-mmap", "square tiles, MALLOC_MMAP_THRESHOLD_=65536"),
+                       ("square-same-load", "square tiles, run back to back with the next table under the same "
+                        "background load"),
                        ("area", "rectangular tiles of at most tile² pixels (`--tile-shape area`)")):
         rows = [json.loads(Path(f).read_text()) for f in sorted(glob.glob(str(ROOT / f"results/streaming-memory-cpu/{sub}/*.json")))]
         if rows:
