@@ -51,6 +51,13 @@ def _cell(vals, digits: int = 3) -> str:
     return f"{mean:,.{digits}f} ± {std:,.{digits}f}"
 
 
+def _patch_geometry(instance_size: int, patch_size: float | None, fit: str) -> tuple[int, int]:
+    """(field of view, CNN input) in working pixels, as TranscriptomeCNN.geometry computes them:
+    no patch_size means the whole instance; crop shows patch_size px, resize shows the instance."""
+    size = int(instance_size) if patch_size is None or patch_size != patch_size else int(patch_size)
+    return (int(instance_size) if fit == "resize" else size), size
+
+
 def mouse_brain_table() -> str:
     """Transcriptome CNN: backbone x patch field of view, 3 seeds, from results/mouse-brain-cpu;
     then abmil / grad-accum (results/reference) on the one Dice every method has (gene A)."""
@@ -64,11 +71,9 @@ def mouse_brain_table() -> str:
     head = ("| backbone | patch field (input) | area mean Dice | " + " | ".join(f"area Dice {c}" for c in classes)
             + " | region mean Dice | gene-A `dice` | train s | train CPU s | peak RSS MiB | runs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    df = df.assign(_field=[int(i) if f == "resize" else int(p if p == p and p else i)
-                           for i, p, f in zip(df["config.instance_size"], df["config.patch_size"],
-                                              df["config.patch_fit"])],
-                   _input=[int(p if p == p and p else i) for i, p in zip(df["config.instance_size"],
-                                                                         df["config.patch_size"])])
+    geometry = [_patch_geometry(i, p, f) for i, p, f in zip(df["config.instance_size"], df["config.patch_size"],
+                                                            df["config.patch_fit"])]
+    df = df.assign(_field=[g[0] for g in geometry], _input=[g[1] for g in geometry])
     order = {b: k for k, b in enumerate(("resnet18", "efficientnet_b0", "mobilenetv3_small_100", "densenet121",
                                           "convnext_atto"))}
     groups = sorted(df.groupby(["config.backbone", "_field", "_input"]),
@@ -111,7 +116,6 @@ def main() -> None:
     text = template.format(
         reference=per_dataset_reference(),
         mouse_brain=mouse_brain_table(),
-        reference_mouse=report("results/reference", "mean_dice", "dice", "bag_auc", extra=("--dataset", "mouse-brain")),
         parity=report("results/parity-cpu", "bag_auc", "bag_accuracy", "dice"),
         bag_size=report("results/bag-size-cpu", "train_s_per_bag", "peak_mib"),
         streaming=streaming_tables(),

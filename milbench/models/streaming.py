@@ -558,6 +558,13 @@ def _area_caps(geo: Geometry, h: int, w: int, tile_size: int) -> tuple[int, int]
     return best[1]
 
 
+def _check_tiling(tile_size: int, shape: str) -> None:
+    if int(tile_size) < 1:
+        raise ConfigError(f"bad tile_size {tile_size}: must be a positive number of pixels")
+    if shape not in TILE_SHAPES:
+        raise ConfigError(f"bad tile shape {shape!r}; valid: {', '.join(TILE_SHAPES)}")
+
+
 def plan_tiles(geo: Geometry, h: int, w: int, tile_size: int, shape: str = "square") -> list[Tile]:
     """The tiles that stream an (h, w) image: a row-major list covering the
     whole feature map exactly once. One tile when the image fits in one.
@@ -567,10 +574,7 @@ def plan_tiles(geo: Geometry, h: int, w: int, tile_size: int, shape: str = "squa
     rectangle that recomputes least (see :func:`_area_caps`) -- the same memory
     bound with less overlap, e.g. full-width strips.
     """
-    if tile_size < 1:
-        raise ConfigError(f"bad tile_size {tile_size}: must be a positive number of pixels")
-    if shape not in TILE_SHAPES:
-        raise ConfigError(f"bad tile shape {shape!r}; valid: {', '.join(TILE_SHAPES)}")
+    _check_tiling(tile_size, shape)
     ho, wo = geo.output_size(h, w)
     th, tw = tile_size, tile_size
     if shape == "area" and h * w > tile_size * tile_size:
@@ -609,10 +613,7 @@ class StreamingTrunk(nn.Module):
 
     def __init__(self, trunk: nn.Module, tile_size: int, tile_shape: str = "square"):
         super().__init__()
-        if int(tile_size) < 1:
-            raise ConfigError(f"bad tile_size {tile_size}: must be a positive number of pixels")
-        if tile_shape not in TILE_SHAPES:
-            raise ConfigError(f"bad tile shape {tile_shape!r}; valid: {', '.join(TILE_SHAPES)}")
+        _check_tiling(tile_size, tile_shape)
         self.trunk = trunk
         self.tile_size = int(tile_size)
         self.tile_shape = tile_shape
@@ -750,6 +751,6 @@ def describe(geo: Geometry, h: int, w: int, tile_size: int, shape: str = "square
     tiles = plan_tiles(geo, h, w, tile_size, shape)
     read = sum((t.rows.stop - t.rows.start) * (t.cols.stop - t.cols.start) for t in tiles)
     biggest = max((t.rows.stop - t.rows.start, t.cols.stop - t.cols.start) for t in tiles)
-    return {"tiles": len(tiles), "tile_shape": shape, "largest_tile": list(biggest), "stride": list(geo.stride), "receptive_field": list(geo.receptive_field),
-            "min_tile_size": geo.min_tile_size, "overlap_factor": round(read / float(h * w), 4)}
+    return {"tiles": len(tiles), "tile_shape": shape, "largest_tile": list(biggest), "stride": list(geo.stride),
+            "receptive_field": list(geo.receptive_field), "min_tile_size": geo.min_tile_size, "overlap_factor": round(read / float(h * w), 4)}
 
