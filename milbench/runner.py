@@ -218,7 +218,7 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
     artifact_dir = results / "artifacts" / run_id
     log_path = results / "logs" / f"{run_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    record["log"] = str(log_path)
+    record["log"] = _relative_to(str(log_path), results)
     with tempfile.TemporaryDirectory(prefix="milbench-run-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps({

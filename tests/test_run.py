@@ -46,6 +46,11 @@ def test_record_schema(smoke_record):
     assert "record:" in res.stdout and "ok" in res.stdout
 
 
+def test_log_is_named_relative_to_the_results_folder(smoke_record):
+    rec, out, _ = smoke_record
+    assert rec["log"] == f"logs/{rec['run_id']}.log" and (out / rec["log"]).stat().st_size > 0
+
+
 def test_no_temp_files_left(smoke_record):
     _, out, _ = smoke_record
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
