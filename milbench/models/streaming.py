@@ -749,8 +749,9 @@ def describe(geo: Geometry, h: int, w: int, tile_size: int, shape: str = "square
     """A small summary of how an (h, w) image streams: tile count and the
     recomputation factor (input pixels read per image pixel), for logs and records."""
     tiles = plan_tiles(geo, h, w, tile_size, shape)
-    read = sum((t.rows.stop - t.rows.start) * (t.cols.stop - t.cols.start) for t in tiles)
-    biggest = max((t.rows.stop - t.rows.start, t.cols.stop - t.cols.start) for t in tiles)
-    return {"tiles": len(tiles), "tile_shape": shape, "largest_tile": list(biggest), "stride": list(geo.stride),
-            "receptive_field": list(geo.receptive_field), "min_tile_size": geo.min_tile_size, "overlap_factor": round(read / float(h * w), 4)}
+    sizes = [(t.rows.stop - t.rows.start, t.cols.stop - t.cols.start) for t in tiles]
+    largest = max(sizes, key=lambda rc: rc[0] * rc[1])  # by pixel count: what bounds a tile's memory
+    return {"tiles": len(tiles), "tile_shape": shape, "largest_tile": list(largest), "stride": list(geo.stride),
+            "receptive_field": list(geo.receptive_field), "min_tile_size": geo.min_tile_size,
+            "overlap_factor": round(sum(r * c for r, c in sizes) / float(h * w), 4)}
 
