@@ -9,8 +9,14 @@ what="${1:-all}"
 export MILBENCH_DATA_ROOT
 
 if [[ "$what" == sweeps || "$what" == all ]]; then
-  # 5 methods x 3 datasets, default preset, 3 seeds
-  milbench sweep -m all -d all --seeds 0,1,2 --device cpu --results results/reference
+  # 5 methods x 3 datasets, default preset, 3 seeds, one training protocol (milbench/protocol.py)
+  milbench sweep -m all -d qmnist,imagenette,mouse-brain --seeds 0,1,2 --device cpu --results results/reference
+  # grad-accum against abmil, paired by seed: 5 seeds on qmnist and imagenette
+  milbench sweep -m abmil,grad-accum -d qmnist,imagenette --seeds 0-4 --device cpu --results results/reference
+  # the README's main job on the shipped sample, seeds 0-2
+  for s in 0 1 2; do
+    env -u MILBENCH_DATA_ROOT milbench run --method grad-accum --dataset imagenette --seed $s --results results/main-job
+  done
   # bag size: abmil vs grad-accum vs sampled, one fresh `milbench run` per point
   python benchmarks/bag_size_memory.py --results results/bag-size-cpu --cpu-time
   # image size: streamed vs plain trunk forward+backward, one fresh process per point
@@ -36,6 +42,7 @@ if [[ "$what" == tables || "$what" == all ]]; then
   milbench report --results results/reference --format markdown --dataset mouse-brain \
     --metric mean_dice --metric dice --metric bag_auc -o results/reference-mouse-brain.md
   milbench plot --results results/reference --kind tradeoff --metric bag_auc -o results/tradeoff.png
+  milbench plot --results results/reference --kind curves -o results/learning-curves.png
   milbench report --results results/bag-size-cpu --format markdown --metric train_s_per_bag --metric peak_mib \
     -o results/bag-size-cpu.md
   milbench report --results results/parity-cpu --format markdown --metric bag_auc --metric bag_accuracy \

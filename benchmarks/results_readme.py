@@ -31,7 +31,10 @@ def streaming_tables() -> str:
     for sub, title in (("cpu", "square tiles, default allocator"), ("cpu-mmap", "square tiles, MALLOC_MMAP_THRESHOLD_=65536"),
                        ("square-same-load", "square tiles, run back to back with the next table under the same "
                         "background load"),
-                       ("area", "rectangular tiles of at most tile² pixels (`--tile-shape area`)")):
+                       ("area", "rectangular tiles of at most tile² pixels (`--tile-shape area`)"),
+                       ("auto", "`tile_size=auto` as streamingclam uses it: two stages, tiles sized to a 2 GiB "
+                        "budget, one tile shape, last tile kept (`--tile resnet34=auto`; tile and tile count per "
+                        "stage, overlap of the first)")):
         rows = [json.loads(Path(f).read_text()) for f in sorted(glob.glob(str(ROOT / f"results/streaming-memory-cpu/{sub}/*.json")))]
         if rows:
             out.append(f"**{title}** (`results/streaming-memory-cpu/{sub}/`)\n\n" + streaming_memory.table(rows))

@@ -13,6 +13,10 @@ next. A point writes one JSON file; the driver prints a table at the end.
     # the same memory bound with rectangular tiles (less overlap, less recomputation):
     python benchmarks/streaming_memory.py --out results/streaming-memory-cpu/area --trunks resnet34 \\
         --sides 2048 3072 --tile resnet34=1920 --tile-shape area --repeats 1 --mem-limit-gb 16
+    # tile_size=auto (what streamingclam uses): stages and tiles sized to a 2 GiB tile budget, one shape,
+    # the training step's kept last tile; two passes per point (the first pays kernel set-up):
+    python benchmarks/streaming_memory.py --out results/streaming-memory-cpu/auto --trunks resnet34 \\
+        --sides 1024 2048 3072 --tile resnet34=auto --tile-shape area --repeats 2 --mem-limit-gb 16
     # on a GPU (NVML and torch peaks; no data limit):
     python benchmarks/streaming_memory.py --out results/streaming-memory-gpu --device cuda \\
         --sides 1024 2048 4096 8192 16384 --tile small=2048 resnet34=3200
@@ -54,13 +58,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _parse_tiles(items: list[str]) -> dict[str, int]:
-    out = {}
+def _parse_tiles(items: list[str]) -> dict[str, int | str]:
+    out: dict[str, int | str] = {}
     for item in items:
         name, _, value = item.partition("=")
-        if not value:
-            raise SystemExit(f"bad --tile {item!r}: expected TRUNK=PIXELS, e.g. resnet34=1920")
-        out[name] = int(value)
+        if not value or not (value == "auto" or value.isdigit()):
+            raise SystemExit(f"bad --tile {item!r}: expected TRUNK=PIXELS or TRUNK=auto, e.g. resnet34=1920")
+        out[name] = value if value == "auto" else int(value)
     return out
 
 
@@ -138,17 +142,25 @@ def worker(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from milbench.models.clam import build_trunk
-    from milbench.models.streaming import StreamingTrunk, describe
+    from milbench.models.streaming import StreamingTrunk, auto_stages, describe
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     trunk = build_trunk(args.trunk, 3).to(device)
-    stream = StreamingTrunk(trunk, args.tile, args.tile_shape)
+    auto = None
+    if args.tile == "auto":  # what streamingclam's tile_size=auto does: cut into stages, size tiles to the budget
+        t0 = time.perf_counter()
+        auto = auto_stages(trunk, args.budget_mib * 2**20)
+        sizing_s = time.perf_counter() - t0
+        stream = StreamingTrunk(trunk, list(auto.tile_sizes), args.tile_shape, auto.split, auto.bytes_per_pixel,
+                                auto.budget_bytes)
+    else:
+        stream = StreamingTrunk(trunk, int(args.tile), args.tile_shape)
     geo = stream.geometry
     record = {
         "trunk": args.trunk, "side": args.side, "mode": args.mode,
-        "tile_size": args.tile if args.mode == "streamed" else None,
+        "tile_size": stream.tile_size if args.mode == "streamed" else None,
         "tile_shape": args.tile_shape if args.mode == "streamed" else None,
         "device": str(device), "threads": args.threads, "mem_limit_gb": args.mem_limit_gb,
         "torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_name(),
@@ -157,9 +169,25 @@ def worker(args: argparse.Namespace) -> dict:
         "receptive_field": list(geo.receptive_field), "status": "ok", "error": None,
     }
     if args.mode == "streamed":
-        plan = describe(geo, args.side, args.side, args.tile, args.tile_shape)
+        size, stages = (args.side, args.side), []
+        for st in stream.stages:
+            d = describe(st.geometry, *size, st.tile_size, args.tile_shape)
+            stages.append({"children": len(st.module) if isinstance(st.module, torch.nn.Sequential) else None,
+                           "input": list(size), "tile_size": st.tile_size, **d})
+            size = st.geometry.output_size(*size)
+        plan = stages[0]
         record.update({"tiles": plan["tiles"], "overlap_factor": plan["overlap_factor"],
-                       "largest_tile": plan["largest_tile"]})
+                       "largest_tile": plan["largest_tile"], "distinct_tile_shapes": plan["distinct_tile_shapes"],
+                       "stages": stages, "keep_for_backward": True})
+        record["kept_stages"] = stream._keep_plan(args.side, args.side)
+        if auto is not None:
+            record.update({"tile_auto": True, "budget_bytes": int(auto.budget_bytes), "split": list(auto.split),
+                           "stage_bytes_per_pixel": list(auto.bytes_per_pixel), "sizing_seconds": sizing_s,
+                           "predicted_tile_bytes": max(int(s_["largest_tile"][0] * s_["largest_tile"][1] * c)
+                                                       for s_, c in zip(stages, auto.bytes_per_pixel))})
+            if len(stages) > 1:
+                record["tile_label"] = "auto " + " / ".join(str(s_["tile_size"]) for s_ in stages)
+                record["tiles_label"] = " + ".join(str(s_["tiles"]) for s_ in stages)
     # warm-up on a small image so that one-time allocations are in the baseline, not the measurement
     warm = torch.randn(1, 3, 64, 64, device=device)
     trunk(warm).sum().backward()
@@ -187,8 +215,8 @@ def worker(args: argparse.Namespace) -> dict:
         for _ in range(args.repeats):  # the first run also pays first-touch page faults
             trunk.zero_grad(set_to_none=False)
             t0 = time.perf_counter()
-            if args.mode == "streamed":
-                feats = stream.forward_streamed(x)
+            if args.mode == "streamed":  # the training step: the last tile's graph kept for the backward
+                feats = stream.forward_streamed(x, keep_for_backward=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t1 = time.perf_counter()
@@ -249,7 +277,8 @@ def driver(args: argparse.Namespace) -> None:
                     continue
                 cmd = [sys.executable, __file__, "--worker", "--trunk", trunk, "--side", str(side), "--mode", mode,
                        "--tile-px", str(tile), "--tile-shape", args.tile_shape, "--device", args.device, "--threads", str(args.threads),
-                       "--mem-limit-gb", str(args.mem_limit_gb), "--repeats", str(args.repeats), "--json", str(path)]
+                       "--mem-limit-gb", str(args.mem_limit_gb), "--repeats", str(args.repeats), "--json", str(path),
+                       "--budget-mib", str(args.budget_mib)]
                 if args.host_image:
                     cmd.append("--host-image")
                 t0 = time.perf_counter()
@@ -292,7 +321,9 @@ def table(rows: list[dict]) -> str:
             return f"{r['seconds']:.2f}" if r.get("status") == "ok" else (r.get("status") or "-")
 
         ratio = f"{s['seconds'] / p['seconds']:.2f}" if p.get("status") == s.get("status") == "ok" else "-"
-        lines.append(f"| {trunk} | {side} | {s.get('tile_size', '-')} | {s.get('tiles', '-')} | {s.get('overlap_factor', '-')} | {t(p)} | {t(s)} "
+        tile = s.get("tile_label") or s.get("tile_size", "-")
+        lines.append(f"| {trunk} | {side} | {tile} | {s.get('tiles_label') or s.get('tiles', '-')} "
+                     f"| {s.get('overlap_factor', '-')} | {t(p)} | {t(s)} "
                      f"| {ratio} "
                      f"| {_mib(p.get('peak_rss_bytes')) if p else '-'} | {_mib(s.get('peak_rss_bytes')) if s else '-'} "
                      f"| {_mib(p.get('working_bytes'))} | {_mib(s.get('working_bytes'))} |")
@@ -306,7 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trunks", nargs="+", default=["small", "resnet34"])
     ap.add_argument("--sides", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192])
     ap.add_argument("--modes", nargs="+", default=["plain", "streamed"], choices=["plain", "streamed"])
-    ap.add_argument("--tile", nargs="*", default=[], help="TRUNK=PIXELS tile sizes (e.g. small=512 resnet34=1920)")
+    ap.add_argument("--tile", nargs="*", default=[], help="TRUNK=PIXELS tile sizes (e.g. small=512 resnet34=1920), "
+                    "or TRUNK=auto: stages and tiles sized to --budget-mib as streamingclam's tile_size=auto")
+    ap.add_argument("--budget-mib", type=float, default=2048, help="tile activation budget of TRUNK=auto "
+                    "(default 2048: streamingclam's default without --max-memory)")
     ap.add_argument("--default-tile", type=int, default=512)
     ap.add_argument("--tile-shape", default="square", choices=["square", "area"],
                     help="square: tile sides <= the tile size; area: rectangles of <= tile size**2 pixels that "
@@ -328,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trunk", help=argparse.SUPPRESS)
     ap.add_argument("--side", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
-    ap.add_argument("--tile-px", dest="tile_px", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--tile-px", dest="tile_px", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:

@@ -68,6 +68,37 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+class _ProgressFile:
+    """Where the child says how far the current epoch is, for the parent's progress bar.
+
+    A tiny JSON file rewritten atomically at most every 0.2 s (and at an
+    epoch's last bag), so the display costs nothing measurable."""
+
+    def __init__(self, path: str | None, every_s: float = 0.2):
+        self.path = Path(path) if path else None
+        self.every_s = every_s
+        self._last = 0.0
+        self._t_epoch = time.perf_counter()
+        self._epoch = 0
+
+    def update(self, epoch: int, done: int, total: int, loss: float) -> None:
+        if self.path is None:
+            return
+        now = time.perf_counter()
+        if epoch != self._epoch:
+            self._epoch, self._t_epoch = epoch, now
+        if done < total and now - self._last < self.every_s:
+            return
+        self._last = now
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"epoch": epoch, "done": done, "total": total, "loss": loss,
+                                       "elapsed_s": now - self._t_epoch}))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # progress is a display, never a reason to fail a run
+
+
 def main(spec_path: str, result_path: str) -> int:
     _die_with_parent()
     signal.signal(signal.SIGTERM, _on_signal)
@@ -159,7 +190,14 @@ def main(spec_path: str, result_path: str) -> int:
                   f"{'-' if entry['val_bag_auc'] is None else format(entry['val_bag_auc'], '.3f')} "
                   f"({entry['seconds']:.1f}s)", file=sys.stderr, flush=True)
 
-        summary = fit(method, model, splits, config, ctx, timer, on_epoch)
+        progress = _ProgressFile(spec.get("progress_path"))
+        # a dataset that does not override augment() has nothing to apply: skip it (and never read a
+        # lazy bag's every tile just to hand it back unchanged)
+        from milbench.api import Dataset as _Dataset
+
+        overrides_augment = type(dataset).augment is not _Dataset.augment
+        augment = dataset.augment if config.get("augment") and overrides_augment else None
+        summary = fit(method, model, splits, config, ctx, timer, on_epoch, augment=augment, on_bag=progress.update)
         with timer.phase("eval"):
             metrics, _ = test_metrics(method, model, splits, config, ctx, registry.metrics)
         with timer.phase("artifacts"):
@@ -171,6 +209,7 @@ def main(spec_path: str, result_path: str) -> int:
                 metrics[k] = v
         result["metrics"] = metrics
         result["best_epoch"] = summary["best_epoch"]
+        result["stopped_early"] = summary["stopped_early"]
         result["timing"]["epochs"] = len(summary["history"])
         result["timing"]["bags_trained"] = summary["bags_trained"]
         result["status"] = "ok"

@@ -26,6 +26,7 @@ BUILTIN_COMMANDS = {
     "plugins": "milbench.commands.inspect:plugins_cmd",
     "data": "milbench.data_cli:data_group",
     "sweep": "milbench.commands.sweep:sweep",
+    "tune": "milbench.commands.tune:tune",
     "plot": "milbench.commands.plot:plot",
     "compare": "milbench.commands.compare:compare",
 }

@@ -54,6 +54,24 @@ def _stats(s: pd.Series) -> tuple[float, float, int]:
     return mean, std, n
 
 
+def _any_smoke(df: pd.DataFrame) -> bool:
+    return "smoke" in df and bool(df["smoke"].fillna(False).astype(bool).any())
+
+
+def _mark_smoke(df: pd.DataFrame) -> pd.DataFrame:
+    """``smoke`` as the text a table shows: ``yes`` for a --smoke run, ``no`` for a real one."""
+    return df.assign(smoke=df["smoke"].fillna(False).astype(bool).map({True: "yes", False: "no"})) \
+        if "smoke" in df else df.assign(smoke="no")
+
+
+def _smoke_hint(df: pd.DataFrame, fallback: str = "") -> str:
+    """``; N smoke record(s) hidden: add --include-smoke`` when load_frame left smoke records out."""
+    n = int(df.attrs.get("hidden_smoke", 0) or 0)
+    if n:
+        return f"; {n} smoke record(s) are hidden: add --include-smoke to compare them"
+    return f" {fallback}" if fallback else ""
+
+
 def compare_frames(a: pd.DataFrame, b: pd.DataFrame, base: Sequence[str],
                    metrics: Sequence[str] = DEFAULT_METRICS, strict: bool = False) -> pd.DataFrame:
     """Long table: one row per matched configuration × metric.
@@ -66,8 +84,13 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, base: Sequence[str],
     ``strict`` (the user named them), which makes them an error.
     """
     if a.empty or b.empty:
-        raise MilbenchError(f"nothing to compare: side {'A' if a.empty else 'B'} has no records "
-                            "(smoke runs are hidden unless --include-smoke)")
+        side = a if a.empty else b
+        raise MilbenchError(f"nothing to compare: side {'A' if a.empty else 'B'} has no records"
+                            + _smoke_hint(side, "(smoke runs are hidden unless --include-smoke)"))
+    if _any_smoke(a) or _any_smoke(b):
+        # smoke rows are matched with smoke rows only and carry a visible 'smoke' key column
+        a, b = (_mark_smoke(d) for d in (a, b))
+        base = list(base) + ["smoke"]
     sa, sb = _swept(a), _swept(b)
 
     def present(df: pd.DataFrame, k: str) -> bool:
@@ -128,7 +151,9 @@ def compare_methods(df: pd.DataFrame, a: str, b: str, metrics: Sequence[str] = D
     present = sorted(df["method"].dropna().unique()) if not df.empty else []
     for m in (a, b):
         if m not in present:
-            raise MilbenchError(f"no records of method '{m}'; methods with records: {', '.join(present) or '(none)'}")
+            raise MilbenchError(f"no records of method '{m}'; methods with records: {', '.join(present) or '(none)'}"
+                                + (_smoke_hint(df) or ("; run it first: milbench run -m " + m + " -d DATASET"
+                                                       if not present else "")))
     if a == b:
         raise MilbenchError(f"compare needs two different methods (got '{a}' twice)")
     return compare_frames(df[df["method"] == a], df[df["method"] == b], ["dataset", "preset"], metrics, strict)

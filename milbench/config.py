@@ -43,6 +43,10 @@ class Param:
     high_open: bool = False
     choices: tuple[str, ...] | None = None
     nullable: bool = False
+    #: Where ``milbench tune`` searches this key: ``("log", low, high)`` or
+    #: ``("float", low, high)`` or ``("int", low, high)`` or ``("choice", a, b, ...)``;
+    #: ``None``: not a learning key, never tuned.
+    search: tuple[Any, ...] | None = None
 
     def describe(self) -> str:
         """A short human description of what values are valid."""
@@ -103,21 +107,6 @@ class Param:
         if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
             raise ConfigError(f"bad value for '{key}': {value!r} is out of range; valid: {self.describe()}")
         return value
-
-
-#: Keys the harness owns for every run (optimizer, schedule, evaluation).
-HARNESS_PARAMS: dict[str, Param] = {
-    "epochs": Param(10, int, "passes over the training bags", low=1),
-    "lr": Param(1e-4, float, "Adam learning rate", low=0, low_open=True),
-    "weight_decay": Param(1e-4, float, "Adam weight decay (L2)", low=0),
-    "bags_per_step": Param(1, int, "bags whose gradients are summed per optimizer step (the paper's 25)", low=1),
-    "select_on": Param("val_loss", str, "checkpoint selection criterion on the validation split",
-                       choices=("val_loss", "val_bag_auc", "last")),
-    "max_train_bags_per_epoch": Param(None, int, "cap on training bags visited per epoch (none: all)", low=1, nullable=True),
-}
-
-#: ``--smoke`` overlay of the harness: one epoch.
-HARNESS_SMOKE: dict[str, Any] = {"epochs": 1}
 
 
 def resolve(

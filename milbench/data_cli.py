@@ -66,10 +66,12 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, MilbenchError) else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
-def _status_row(name: str, dataset: Any, data_root: str | None) -> dict[str, Any]:
-    """One dataset's status as a plain dict; a dataset whose status() fails shows as ``error``."""
+def _status_row(name: str, dataset: Any, data_root: str | None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One dataset's status as a plain dict; a dataset whose status() fails shows as ``error``.
+    ``overrides`` (``--set key=value``) reach a dataset whose ``status`` takes them (e.g.
+    ``slides``: which manifest, and the tiling settings its tile counts are for)."""
     try:
-        st = dataset.status(data_root)
+        st = _call(dataset.status, data_root, overrides=list(overrides) or None)
         row = asdict(st)
     except Exception as exc:  # a broken plugin must not hide the other datasets
         row = {"name": name, "found": False, "complete": False, "root": None, "source": "error",
@@ -115,8 +117,10 @@ def _root_origins(data_root: str | None) -> list[tuple[Path, str]]:
 @click.group("data", invoke_without_command=True)
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help=_DATA_ROOT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print the status as JSON instead of a table")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="dataset keys for datasets whose status depends on them (slides: manifest, instance_size, ...)")
 @click.pass_context
-def data_group(ctx: click.Context, data_root: str | None, as_json: bool) -> None:
+def data_group(ctx: click.Context, data_root: str | None, as_json: bool, overrides: tuple[str, ...] = ()) -> None:
     """Show, verify and download the datasets' files.
 
     With no subcommand: for each dataset, where milbench looks, what it found,
@@ -126,7 +130,7 @@ def data_group(ctx: click.Context, data_root: str | None, as_json: bool) -> None
     if ctx.invoked_subcommand is not None:
         return
     registry = _registry(ctx)
-    rows = [_status_row(name, ds, data_root) for name, ds in sorted(registry.datasets.items())]
+    rows = [_status_row(name, ds, data_root, overrides) for name, ds in sorted(registry.datasets.items())]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -195,6 +199,32 @@ def verify_cmd(ctx: click.Context, name: str | None, data_root: str | None, quic
         ctx.exit(1)
 
 
+def _entries(root: Path) -> set[str] | None:
+    """Names directly under ``root`` before a download (None: ``root`` did not exist)."""
+    try:
+        return set(os.listdir(root)) if root.is_dir() else None
+    except OSError:
+        return set()
+
+
+def _remove_empty_new_dirs(root: Path, before: set[str] | None) -> None:
+    """After a failed download, remove the folders it created that hold no file (e.g. an empty
+    ``QMNIST/raw`` or a new data root), so ``milbench data`` does not report a dataset folder
+    that is only a husk. Anything holding a file — a partial archive, data placed by hand — stays;
+    folders that existed before are never touched."""
+    if not root.is_dir():
+        return
+    new = [root] if before is None else [root / n for n in os.listdir(root) if n not in before]
+    for top in new:
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):  # deepest first
+            try:
+                os.rmdir(dirpath)  # only succeeds when empty
+            except OSError:
+                pass
+
+
 @data_group.command("download")
 @click.argument("name")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
@@ -211,9 +241,14 @@ def download_cmd(ctx: click.Context, name: str, data_root: str | None, variant: 
     if variant is not None and "variant" not in inspect.signature(ds.download).parameters:
         raise DataError(f"dataset '{name}' has no --variant choice for download")
     click.echo(f"downloading {name}{' ' + variant if variant else ''} into {root} ...", err=True)
+    before = _entries(root)
     try:
         _call(ds.download, str(root), variant=variant)
     except OSError as exc:  # a plugin that lets a file-system error escape still gets one line
+        _remove_empty_new_dirs(root, before)
         raise DataError(f"could not download {name} into {root}: {_one_line(exc)}") from None
+    except BaseException:
+        _remove_empty_new_dirs(root, before)
+        raise
     row = _status_row(name, ds, str(root))
     click.echo(f"{name}: {row['detail']} [{row['root'] or root}]")

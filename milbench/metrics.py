@@ -1,7 +1,7 @@
 """Test-split metrics computed by the harness, the same way for every method.
 
-Bag-level: accuracy at 0.5, ROC AUC (Mann-Whitney, ties averaged), binary
-cross-entropy. Localisation: Dice of the key class, pooled over all test bags
+Bag-level: accuracy at 0.5, ROC AUC and binary cross-entropy (both computed by
+scikit-learn, which reviewers trust over hand-written code). Localisation: Dice of the key class, pooled over all test bags
 (sum of intersections over sum of sizes), from the methods' instance or pixel
 scores thresholded at 0.5 against the bags' key masks. Dense multi-class Dice
 when a method returns class maps and the data has pixel masks.
@@ -14,23 +14,25 @@ from typing import Any, Sequence
 
 
 def bag_auc(probs: Sequence[float], labels: Sequence[int]) -> float | None:
-    """ROC AUC; ``None`` when the labels hold a single class (undefined)."""
-    pos = [p for p, y in zip(probs, labels) if y == 1]
-    neg = [p for p, y in zip(probs, labels) if y != 1]
-    if not pos or not neg:
+    """ROC AUC by scikit-learn (``roc_auc_score``: ties count one half, the
+    Mann-Whitney statistic); ``None`` when the labels hold a single class."""
+    y = [1 if v == 1 else 0 for v in labels]
+    if not y or min(y) == max(y):
         return None
-    ranked = sorted((p, i) for i, p in enumerate(probs))
-    ranks = [0.0] * len(probs)
-    i = 0
-    while i < len(ranked):
-        j = i
-        while j + 1 < len(ranked) and ranked[j + 1][0] == ranked[i][0]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[ranked[k][1]] = (i + j) / 2 + 1
-        i = j + 1
-    r_pos = sum(r for r, y in zip(ranks, labels) if y == 1)
-    return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, [float(p) for p in probs]))
+
+
+def bag_log_loss(probs: Sequence[float], labels: Sequence[int]) -> float | None:
+    """Mean binary cross-entropy by scikit-learn (``log_loss``, probabilities clipped at 1e-7)."""
+    if not labels:
+        return None
+    from sklearn.metrics import log_loss
+
+    eps = 1e-7
+    return float(log_loss([1 if v == 1 else 0 for v in labels],
+                          [min(max(float(p), eps), 1 - eps) for p in probs], labels=[0, 1]))
 
 
 def bag_accuracy(probs: Sequence[float], labels: Sequence[int]) -> float | None:
@@ -40,15 +42,8 @@ def bag_accuracy(probs: Sequence[float], labels: Sequence[int]) -> float | None:
 
 
 def bag_bce(probs: Sequence[float], labels: Sequence[int]) -> float | None:
-    """Mean binary cross-entropy of bag probabilities (clipped at 1e-7)."""
-    if not labels:
-        return None
-    eps = 1e-7
-    total = 0.0
-    for p, y in zip(probs, labels):
-        p = min(max(float(p), eps), 1 - eps)
-        total -= math.log(p) if y == 1 else math.log(1 - p)
-    return total / len(labels)
+    """Mean binary cross-entropy of bag probabilities (clipped at 1e-7): :func:`bag_log_loss`."""
+    return bag_log_loss(probs, labels)
 
 
 def key_dice(predictions: Sequence[Any], bags: Sequence[Any]) -> float | None:
@@ -57,6 +52,8 @@ def key_dice(predictions: Sequence[Any], bags: Sequence[Any]) -> float | None:
     inter = pred_sum = true_sum = 0.0
     seen = False
     for pred, bag in zip(predictions, bags):
+        if not getattr(bag, "instance_labels_known", True):  # no truth to compare with (e.g. unannotated slide)
+            continue
         if pred.pixel_scores is not None:
             pmap = pred.pixel_scores.float().cpu() >= 0.5
         elif pred.instance_scores is not None:

@@ -8,7 +8,9 @@ used, else the run's peak CPU resident memory. Points where no seed ended
 timed-out one a black ▼, at the top edge of the panel (the plot says *where*
 a method stopped scaling, which is the answer a memory sweep is run for).
 Every drawn artist carries a ``gid`` (``line:<label>``, ``oom:<label>``,
-``failed:<label>``, ``limit``) so tests and scripts can find the series.
+``failed:<label>``, ``limit``, and ``smoke:<label>`` for smoke runs — hollow
+points never joined by a line, so seconds-long smoke configs never read as a
+trend) so tests and scripts can find the series.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from milbench.errors import MilbenchError
-from milbench.report import metric_column, varying_keys
+from milbench.report import SMOKE_MARK, _with_smoke_flag, metric_column, varying_keys
 
 FORMATS = (".png", ".svg", ".pdf")
 SCALING_Y = ("peak_mib", "train_s_per_bag")
@@ -69,12 +71,16 @@ def line_groups(df: pd.DataFrame, x_col: str) -> tuple[list[str], dict[Any, str]
         if df[c].nunique(dropna=False) > 1:
             cols.append(c)
     cols += [c for c in varying_keys(df) if c != x_col]
+    if "_smoke" in df and df["_smoke"].any():
+        cols.append("_smoke")  # smoke runs are their own, marked series (never joined to real runs)
     labels = {}
     for key, _ in df.groupby(cols, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         parts = [str(key[0])] + [f"{c.split('.', 1)[-1]}={v}" if c.startswith("config.") else str(v)
-                                 for c, v in zip(cols[1:], key[1:])]
+                                 for c, v in zip(cols[1:], key[1:]) if c != "_smoke"]
         labels[key] = parts[0] + (f" [{', '.join(parts[1:])}]" if len(parts) > 1 else "")
+        if "_smoke" in cols and key[cols.index("_smoke")]:
+            labels[key] += f" {SMOKE_MARK}"
     return cols, labels
 
 
@@ -107,7 +113,7 @@ def scaling_figure(df: pd.DataFrame, x: str, ys: Sequence[str] = SCALING_Y, *, l
     if df.empty:
         raise MilbenchError("no records to plot (smoke runs are hidden unless --include-smoke)")
     xc = x_column(df, x)
-    df = df[df[xc].notna()].copy()
+    df = _with_smoke_flag(df[df[xc].notna()])
     df["_x"] = pd.to_numeric(df[xc], errors="coerce")
     if df["_x"].isna().any():
         raise MilbenchError(f"config key '{x}' is not numeric in these records; plot a numeric swept key")
@@ -124,7 +130,14 @@ def scaling_figure(df: pd.DataFrame, x: str, ys: Sequence[str] = SCALING_Y, *, l
             ok["_y"] = pd.to_numeric(ok[yc], errors="coerce")
             stats = ok.dropna(subset=["_y"]).groupby("_x")["_y"].agg(["mean", "std", "count"]).sort_index()
             color = f"C{i % 10}"
-            if len(stats):
+            smoke = "_smoke" in cols and bool(key[cols.index("_smoke")])
+            if len(stats) and smoke:
+                # smoke configs are shrunken and seconds long: hollow points, no line, so they never read as a trend
+                pts = ax.errorbar(stats.index.to_numpy(), stats["mean"].to_numpy(),
+                                  yerr=stats["std"].fillna(0).to_numpy(), marker="s", markerfacecolor="none",
+                                  linestyle="none", capsize=3, label=label, color=color)
+                pts.lines[0].set_gid(f"smoke:{label}")
+            elif len(stats):
                 line = ax.errorbar(stats.index.to_numpy(), stats["mean"].to_numpy(),
                                    yerr=stats["std"].fillna(0).to_numpy(), marker="o", capsize=3, label=label,
                                    color=color)
@@ -172,6 +185,7 @@ def tradeoff_figure(df: pd.DataFrame, metric: str = "bag_auc", memory: str = "pe
     if df.empty:
         raise MilbenchError("no records to plot (smoke runs are hidden unless --include-smoke)")
     mc, xc = metric_column(df, metric), metric_column(df, memory)
+    df = _with_smoke_flag(df)
     ok = df[df["status"] == "ok"].copy()
     if ok.empty:
         raise MilbenchError("no ok runs to plot: the trade-off needs a metric and a memory figure")
@@ -179,7 +193,7 @@ def tradeoff_figure(df: pd.DataFrame, metric: str = "bag_auc", memory: str = "pe
     cols = ["method", "dataset", "preset"] + swept
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     multi_ds = df["dataset"].nunique() > 1
-    for method, gm in ok.groupby("method", sort=True):
+    for (method, smoke), gm in ok.groupby(["method", "_smoke"], sort=True):
         xs, ys, yerr, xerr, notes = [], [], [], [], []
         for key, g in gm.groupby(cols, dropna=False, sort=True):
             gd = dict(zip(cols, key))
@@ -196,8 +210,10 @@ def tradeoff_figure(df: pd.DataFrame, metric: str = "bag_auc", memory: str = "pe
             notes.append(", ".join(note))
         if not xs:
             continue
-        cont = ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, marker="o", linestyle="none", capsize=3, label=str(method))
-        cont.lines[0].set_gid(f"line:{method}")
+        name = f"{method} {SMOKE_MARK}" if smoke else str(method)
+        cont = ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, marker="s" if smoke else "o", linestyle="none", capsize=3,
+                           label=name, markerfacecolor="none" if smoke else None)
+        cont.lines[0].set_gid(f"{'smoke' if smoke else 'line'}:{method}")
         for xv, yv, note in zip(xs, ys, notes):
             if note:
                 ax.annotate(note, (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)

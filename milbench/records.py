@@ -38,6 +38,20 @@ def results_dir(path: str | os.PathLike | None) -> Path:
     return Path(path or os.environ.get(ENV_RESULTS) or DEFAULT_RESULTS)
 
 
+def existing_results_dir(path: str | os.PathLike | None) -> Path:
+    """The results directory to *read* (report, compare, plot). A folder named with
+    ``--results`` or ``$MILBENCH_RESULTS`` that does not exist is a one-line error:
+    a typo must not pass as "no records found". The default ``./results/runs`` may
+    be absent (nothing was run here yet) and simply holds no records."""
+    directory = results_dir(path)
+    explicit = path or os.environ.get(ENV_RESULTS)
+    if explicit and not directory.is_dir():
+        where = "--results" if path else f"${ENV_RESULTS}"
+        what = "is not a folder" if directory.exists() else "does not exist"
+        raise MilbenchError(f"results directory {directory} ({where}) {what}; pass the folder your runs wrote to")
+    return directory
+
+
 def ensure_writable(directory: Path) -> None:
     """Create ``directory`` and prove it is writable, or fail with one line."""
     try:

@@ -43,10 +43,20 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
 
 
 def load_frame(results: str, include_smoke: bool = False, records: Iterable[dict] | None = None) -> pd.DataFrame:
-    """One row per record, nested keys flattened (``metrics.bag_auc`` ...)."""
+    """One row per record, nested keys flattened (``metrics.bag_auc`` ...).
+
+    ``df.attrs["hidden_smoke"]`` counts the smoke records left out, so a command
+    can say that they exist and how to show them. ``did_not_learn`` comes from the
+    record's ``warnings``, or is derived from its history for records written
+    before that field existed (:mod:`milbench.diagnostics`).
+    """
+    from milbench.diagnostics import did_not_learn, learning_warnings
+
     rows = []
+    hidden_smoke = 0
     for rec in records if records is not None else iter_records(results):
         if rec.get("smoke") and not include_smoke:
+            hidden_smoke += 1
             continue
         row: dict[str, Any] = {}
         for key in ("run_id", "status", "method", "dataset", "preset", "seed", "smoke", "supervision",
@@ -54,11 +64,14 @@ def load_frame(results: str, include_smoke: bool = False, records: Iterable[dict
             row[key] = rec.get(key)
         for key in ("metrics", "timing", "memory", "config"):
             _flatten(key, rec.get(key) or {}, row)
+        row["protocol"] = (rec.get("protocol") or {}).get("hash") or "none"
         row["data.source"] = (rec.get("data") or {}).get("source") if isinstance(rec.get("data"), dict) else None
         row["environment.gpu"] = (rec.get("environment") or {}).get("gpu")
         row["environment.cpu"] = (rec.get("environment") or {}).get("cpu")
+        row["did_not_learn"] = did_not_learn(rec["warnings"] if "warnings" in rec else learning_warnings(rec))
         rows.append(row)
     df = pd.DataFrame(rows)
+    df.attrs["hidden_smoke"] = hidden_smoke
     if df.empty:
         return df
     for name, (path, scale, _) in DERIVED.items():
@@ -84,8 +97,10 @@ def varying_keys(df: pd.DataFrame) -> list[str]:
     """Config keys that differ between runs of one method × dataset × preset (swept parameters)."""
     cfg = [c for c in df.columns if c.startswith("config.")]
     out = []
+    # smoke runs are their own rows (see summarize), so their shrunken config is not a "swept" key
+    by = ["method", "dataset", "preset"] + (["smoke"] if "smoke" in df and df["smoke"].fillna(False).astype(bool).any() else [])
     for c in cfg:
-        per_group = df.groupby(["method", "dataset", "preset"], dropna=False)[c].nunique(dropna=False)
+        per_group = df.groupby(by, dropna=False)[c].nunique(dropna=False)
         if (per_group > 1).any():
             out.append(c)
     return out
@@ -117,6 +132,18 @@ def _status_text(statuses: Sequence[str]) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
 
 
+#: Marks a row of smoke runs (only shown with --include-smoke).
+SMOKE_MARK = "(smoke)"
+#: Marks a quality cell that averages a run which did not learn (see milbench.diagnostics).
+DID_NOT_LEARN_MARK = "†"
+
+
+def _with_smoke_flag(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a boolean ``_smoke`` column (records may hold null or lack the key)."""
+    flag = df["smoke"].fillna(False).astype(bool) if "smoke" in df else pd.Series(False, index=df.index)
+    return df.assign(_smoke=flag)
+
+
 def summarize(df: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> pd.DataFrame:
     """Long table: one row per (row key, dataset, metric) with mean, std, n and run statuses."""
     if df.empty:
@@ -124,7 +151,10 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> pd.
     keys = varying_keys(df)
     presets = df["preset"].nunique() > 1
     out = []
-    group_cols = ["method", "preset", "dataset"] + keys
+    df = _with_smoke_flag(df)
+    # smoke runs (shrunken configs, seconds long) are never averaged with real runs: their own, marked rows
+    smoke_rows = bool(df["_smoke"].any())
+    group_cols = ["method", "preset", "dataset"] + keys + (["_smoke"] if smoke_rows else [])
     for gkey, g in df.groupby(group_cols, dropna=False, sort=True):
         gd = dict(zip(group_cols, gkey))
         label = gd["method"]
@@ -132,8 +162,13 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> pd.
             f"{k.split('.', 1)[1]}={_value_text(gd[k])}" for k in keys if not pd.isna(gd[k])]
         if extras:
             label += " [" + ", ".join(extras) + "]"
+        if gd.get("_smoke"):
+            label += f" {SMOKE_MARK}"
         ok = g[g["status"] == "ok"]
         runs = _status_text(g["status"])
+        flat = int(ok["did_not_learn"].fillna(False).astype(bool).sum()) if "did_not_learn" in ok else 0
+        if flat:
+            runs += f", {flat} {DID_NOT_LEARN_MARK} did not learn"
         sources = sorted({s for s in g["data.source"].dropna()})
         for m in metrics:
             col = metric_column(df, m)
@@ -148,7 +183,10 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> pd.
                 cell = ", ".join(s for s in sorted(set(g["status"])))
             else:
                 cell = _fmt(mean, std, len(vals))
+                if flat and col.startswith("metrics.") and cell != "—":
+                    cell += f" {DID_NOT_LEARN_MARK}"  # averaged over a run that never left chance
             out.append({"row": label, "method": gd["method"], "preset": gd["preset"], "dataset": gd["dataset"],
+                        "smoke": bool(gd.get("_smoke", False)), "did_not_learn": flat,
                         **{k.split(".", 1)[1]: gd[k] for k in keys}, "metric": m, "mean": mean, "std": std,
                         "n": int(len(vals)), "runs": runs, "data_source": ",".join(sources) or None,
                         "peak_kind": ",".join(sorted(set(g["peak_kind"]))), "cell": cell})
@@ -183,8 +221,12 @@ def to_markdown(summary: pd.DataFrame) -> str:
         return "_no records_\n"
     rows, cols, cells = wide(summary)
     titles = dataset_titles(summary)
-    head = ["method"] + [f"{titles[d]}: {m}" for d, m in cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # the dataset once per column group (the header row), the metric names in a bold row under it:
+    # markdown has no column spans, and repeating "imagenette (sample data): " in every header made
+    # one dataset's table ~180 characters wide
+    head = ["method"] + [titles[d] if i == 0 or cols[i - 1][0] != d else "" for i, (d, _) in enumerate(cols)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| " + " | ".join([""] + [f"**{m}**" for _, m in cols]) + " |"]
     for r in rows:
         lines.append("| " + " | ".join([r] + [cells.get((r, d, m), NOT_RUN) for d, m in cols]) + " |")
     return "\n".join(lines) + "\n"
@@ -201,8 +243,10 @@ def to_rich(summary: pd.DataFrame, title: str = "milbench") -> Any:
     rows, cols, cells = wide(summary)
     titles = dataset_titles(summary)
     table.add_column("method", style="bold")
-    for d, m in cols:
-        table.add_column(f"{titles[d]}\n{m}", justify="right")
+    for i, (d, m) in enumerate(cols):
+        # the dataset once, over the first column of its group (rich has no column spans)
+        first = i == 0 or cols[i - 1][0] != d
+        table.add_column(f"{escape(titles[d]) if first else ''}\n{m}", justify="right")
     for r in rows:
         vals = []
         for d, m in cols:
@@ -268,3 +312,57 @@ def failure_notes_markdown(df: pd.DataFrame) -> str:
     if not notes:
         return ""
     return "\nCells without a number:\n\n" + "\n".join(f"- {n.replace('|', '/')}" for n in notes) + "\n"
+
+
+def learning_notes(df: pd.DataFrame) -> list[str]:
+    """One line per method/config × dataset with ``ok`` runs that did not learn (the † in the table):
+    how many, and the first such run's warning, so a flat ln 2 loss is never read as a result."""
+    if df.empty or "did_not_learn" not in df:
+        return []
+    flat = df[(df["status"] == "ok") & df["did_not_learn"].fillna(False).astype(bool)]
+    notes = []
+    for (method, dataset), g in flat.groupby(["method", "dataset"], sort=True):
+        n_ok = int(((df["method"] == method) & (df["dataset"] == dataset) & (df["status"] == "ok")).sum())
+        notes.append(f"{method} on {dataset}: {len(g)} of {n_ok} ok run(s) did not learn ({', '.join(g['run_id'])})")
+    return notes
+
+
+#: The definition printed under a table that has a † (kept short; milbench.diagnostics has the rest).
+DID_NOT_LEARN_HELP = (f"{DID_NOT_LEARN_MARK} did not learn: validation loss within 0.01 of ln 2 (the loss of answering "
+                      "0.5 for every bag) in every epoch; see the record's `warnings`")
+
+
+def smoke_hint(df: pd.DataFrame) -> str | None:
+    """The line saying smoke records were hidden and how to show them (None when none were)."""
+    n = int(df.attrs.get("hidden_smoke", 0) or 0)
+    if not n:
+        return None
+    return f"{n} smoke record(s) hidden (--smoke runs are tiny and not comparable); add --include-smoke to show them"
+
+
+def notes_markdown(df: pd.DataFrame) -> str:
+    """Notes under a markdown table: runs that did not learn, and hidden smoke records."""
+    lines = []
+    notes = learning_notes(df)
+    if notes:
+        lines += ["", f"Runs that did not learn ({DID_NOT_LEARN_HELP}):", ""] + [f"- {n}" for n in notes]
+    hint = smoke_hint(df)
+    if hint:
+        lines += ["", f"_{hint}_"]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def check_one_protocol(df: pd.DataFrame) -> None:
+    """Refuse a table whose records on one dataset were trained under different
+    protocols (:mod:`milbench.protocol`): their numbers are not comparable.
+    Records written before protocol blocks existed count as protocol ``none``."""
+    from milbench.errors import MilbenchError
+
+    if df.empty or "protocol" not in df:
+        return
+    for dataset, group in df.groupby("dataset"):
+        counts = group["protocol"].value_counts()
+        if len(counts) > 1:
+            listed = ", ".join(f"{h} ({n} runs)" for h, n in counts.items())
+            raise MilbenchError(f"records on {dataset} mix training protocols {listed}; pick one with "
+                                f"--protocol HASH (a run's protocol is its record's protocol.hash)")

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from milbench.config import HARNESS_PARAMS, HARNESS_SMOKE, config_hash, resolve
+from milbench.config import config_hash, resolve
 from milbench.errors import ConfigError, MilbenchError, unknown_name
 from milbench.plugins import Registry
+from milbench.progress import RunProgress
+from milbench.protocol import PROTOCOL_PARAMS, PROTOCOL_SMOKE, check_method_layers, protocol_block
 from milbench.records import REQUIRED_KEYS, SCHEMA_VERSION, new_run_id, now_iso, write_record
 
 DEFAULT_PRESET = "default"
@@ -41,24 +43,37 @@ class RunPlan:
     config_hash: str
     supervision: str
     overrides: list[str] = field(default_factory=list)
+    #: The protocol block of the record (:func:`milbench.protocol.protocol_block`).
+    protocol: dict[str, Any] = field(default_factory=dict)
 
 
-def presets_of(method: Any, dataset: Any) -> list[str]:
-    return sorted({DEFAULT_PRESET, *dataset.presets, *method.presets})
+def presets_of(method: Any, dataset: Any, results: Path | None = None) -> list[str]:
+    """Preset names valid for this method and dataset: built-in ones and those saved under ``results``."""
+    from milbench.presets import saved_presets
+
+    return sorted({DEFAULT_PRESET, *dataset.presets, *method.presets, *saved_presets(results)})
 
 
 def plan_run(registry: Registry, method_name: str, dataset_name: str, preset: str | None = None,
-             overrides: Sequence[str] | Mapping[str, Any] = (), seed: int = 0, smoke: bool = False) -> RunPlan:
-    """Resolve a point's config: declared defaults (harness, dataset, method),
-    the dataset's then the method's overrides, the preset, ``--smoke``, then
-    ``--set``. Bad names and values are one-line errors."""
+             overrides: Sequence[str] | Mapping[str, Any] = (), seed: int = 0, smoke: bool = False,
+             results: Path | None = None) -> RunPlan:
+    """Resolve a point's config: declared defaults (protocol, dataset, method),
+    the dataset's then the method's overrides, the preset (built in, or saved
+    under ``results/presets`` by ``milbench tune``), ``--smoke``, then
+    ``--set``. Bad names and values are one-line errors. A method whose own
+    layers set a protocol key is refused (the protocol is the same for all)."""
+    from milbench.presets import load_preset
+
     method = registry.method(method_name)
     dataset = registry.dataset(dataset_name)
+    check_method_layers(method)
     preset = preset or DEFAULT_PRESET
-    valid = presets_of(method, dataset)
-    if preset not in valid:
-        raise unknown_name("preset", preset, valid)
-    params = {**HARNESS_PARAMS}
+    saved = None
+    if preset not in dataset.presets and preset not in method.presets and preset != DEFAULT_PRESET:
+        saved = load_preset(results, preset, method.name, dataset.name)
+        if saved is None:
+            raise unknown_name("preset", preset, presets_of(method, dataset, results))
+    params = {**PROTOCOL_PARAMS}
     for owner in (dataset, method):
         for key, p in owner.params.items():
             if key in params and params[key] != p:
@@ -68,8 +83,10 @@ def plan_run(registry: Registry, method_name: str, dataset_name: str, preset: st
               (f"method '{method.name}' defaults", method.defaults),
               (f"dataset '{dataset.name}' preset '{preset}'", dataset.presets.get(preset, {})),
               (f"method '{method.name}' preset '{preset}'", method.presets.get(preset, {}))]
+    if saved is not None:
+        layers.append((f"saved preset '{preset}'", saved))
     if smoke:
-        layers += [("harness smoke", HARNESS_SMOKE), (f"dataset '{dataset.name}' smoke", dataset.smoke),
+        layers += [("protocol smoke", PROTOCOL_SMOKE), (f"dataset '{dataset.name}' smoke", dataset.smoke),
                    (f"method '{method.name}' smoke", method.smoke)]
     config = resolve(params, layers, overrides)
     try:
@@ -82,7 +99,8 @@ def plan_run(registry: Registry, method_name: str, dataset_name: str, preset: st
         raise PluginError(f"method '{method.name}' check() raised {type(exc).__name__}: {exc}") from None
     return RunPlan(method.name, dataset.name, preset, int(seed), smoke, config,
                    config_hash(config, method.name, dataset.name), method.supervision,
-                   list(overrides) if not isinstance(overrides, Mapping) else [f"{k}={v}" for k, v in overrides.items()])
+                   list(overrides) if not isinstance(overrides, Mapping) else [f"{k}={v}" for k, v in overrides.items()],
+                   protocol=protocol_block(config, getattr(dataset, "augmentation", "") or "none"))
 
 
 _DEVICE_HELP = "valid: auto, cpu, cuda, cuda:N"
@@ -194,7 +212,7 @@ def new_record(plan: RunPlan, device: str, data_root: str | None, max_memory: in
         "created": now_iso(), "status": status, "error": error,
         "method": plan.method, "dataset": plan.dataset, "preset": plan.preset, "config": plan.config,
         "config_hash": plan.config_hash, "seed": plan.seed, "supervision": plan.supervision,
-        "smoke": plan.smoke, "overrides": plan.overrides, "device_requested": device,
+        "smoke": plan.smoke, "overrides": plan.overrides, "protocol": plan.protocol, "device_requested": device,
         "data_root": data_root, "metrics": {}, "timing": {}, "memory": {**_NULL_MEMORY, "max_memory_bytes": max_memory},
         "history": [], "environment": {}, "log": None, "git": git_state(),
         "command": sys.argv[1:] if sys.argv else None,
@@ -221,21 +239,24 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
     record["log"] = _relative_to(str(log_path), results)
     with tempfile.TemporaryDirectory(prefix="milbench-run-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        progress_path = Path(tmp) / "progress.json"
         spec_path.write_text(json.dumps({
             "method": plan.method, "dataset": plan.dataset, "config": plan.config, "seed": plan.seed,
             "device": device, "data_root": data_root, "artifact_dir": str(artifact_dir),
-            "max_memory_bytes": max_memory,
+            "max_memory_bytes": max_memory, "progress_path": str(progress_path),
         }))
         t0 = time.perf_counter()
         outcome, error = None, None
-        with open(log_path, "w") as log, open(log_path) as tail, _Signals() as sigs:
+        show = RunProgress(progress_path, plan.config.get("epochs"), enabled=False if quiet else None)
+        with open(log_path, "w") as log, open(log_path) as tail, _Signals() as sigs, show:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "milbench.child", str(spec_path), str(result_path)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
             while proc.poll() is None:
                 if not quiet:
-                    sys.stderr.write(tail.read())
+                    show.log(tail.read())
+                    show.poll()
                 if sigs.received:
                     _stop_child(proc)
                     outcome, error = "interrupted", f"interrupted by {sigs.received}; the run was stopped"
@@ -246,7 +267,7 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
                     break
                 time.sleep(0.05)
             if not quiet:
-                sys.stderr.write(tail.read())
+                show.log(tail.read())
         wall = time.perf_counter() - t0
         child: dict[str, Any] = {}
         if result_path.exists():
@@ -254,7 +275,7 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
                 child = json.loads(result_path.read_text())
             except ValueError:
                 child = {}
-    for key in ("metrics", "timing", "memory", "history", "data", "error", "error_kind", "traceback", "best_epoch",
+    for key in ("metrics", "timing", "memory", "history", "data", "error", "error_kind", "traceback", "best_epoch", "stopped_early",
                 "artifacts"):
         if child.get(key) is not None:
             record[key] = child[key]
@@ -279,6 +300,10 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
     elif isinstance(record.get("artifacts"), dict):
         # paths relative to the results directory, so that a committed or copied results folder stays readable
         record["artifacts"] = {k: _relative_to(v, results) for k, v in record["artifacts"].items()}
+    from milbench.diagnostics import learning_warnings
+
+    # judged here, in the parent, from the child's history: a flat ln 2 loss must not pass as a result
+    record["warnings"] = learning_warnings(record)
     write_record(results, record)
     if record["status"] == "interrupted" and outcome == "interrupted":
         raise RunInterrupted(record)

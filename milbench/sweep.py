@@ -165,7 +165,7 @@ def point_key(obj: RunPlan | Mapping[str, Any]) -> tuple[str, int, bool]:
     return (str(obj.get("config_hash")), int(obj.get("seed") or 0), bool(obj.get("smoke")))
 
 
-def expand(registry: Any, spec: SweepSpec) -> list[Point]:
+def expand(registry: Any, spec: SweepSpec, results: Path | None = None) -> list[Point]:
     """Resolve every point of the grid (methods × datasets × grid × seeds).
 
     Raises the first :class:`MilbenchError`, prefixed with the combination
@@ -186,7 +186,7 @@ def expand(registry: Any, spec: SweepSpec) -> list[Point]:
             overrides = list(spec.overrides) + [f"{k}={v}" for k, v in values.items()]
             for seed in spec.seeds:
                 try:
-                    plan = plan_run(registry, method, dataset, spec.preset, overrides, seed, spec.smoke)
+                    plan = plan_run(registry, method, dataset, spec.preset, overrides, seed, spec.smoke, results)
                 except MilbenchError as exc:
                     where = f"{method} on {dataset}" + (f" with {', '.join(f'{k}={v}' for k, v in values.items())}"
                                                         if values else "")
@@ -322,7 +322,7 @@ def run_point(task: PointTask) -> dict[str, Any]:
 
     plan = task.plan
     mine = plan_run(get_registry(warn=False), plan.method, plan.dataset, plan.preset, plan.overrides,
-                    plan.seed, plan.smoke)
+                    plan.seed, plan.smoke, Path(task.results))
     if mine.config_hash != plan.config_hash:
         raise MilbenchError(f"the worker resolves {plan.method} on {plan.dataset} to config {mine.config_hash}, "
                             f"the driver to {plan.config_hash}: milbench or plugin versions differ between them")

@@ -20,6 +20,12 @@ class ABMIL(Method):
     params = ATTENTION_MIL_PARAMS
     presets = {"paper": PAPER_MODEL}
 
+    def check(self, config: Mapping[str, Any]) -> None:
+        """An instance too small for the encoder is a one-line error in the parent, not a crash mid-run."""
+        from milbench.models.attention_mil import check_geometry
+
+        check_geometry(config, self.name)
+
     def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
         from milbench.models.attention_mil import build_attention_mil
 

@@ -50,9 +50,12 @@ class GradAccumABMIL(Method):
         """Refuse configs whose chunked gradient would silently differ from abmil's."""
         from milbench.errors import ConfigError
 
+        from milbench.models.attention_mil import check_geometry
+
         if config.get("norm") == "batch":
             raise ConfigError("grad-accum cannot use norm='batch': training-mode batch norm computes statistics "
                               "per chunk, so gradients would not equal abmil's; use norm='frozen', 'group' or 'none'")
+        check_geometry(config, self.name)
 
     def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
         """abmil's model (same builder, same init under the seed), checked for chunk-exactness."""
@@ -74,7 +77,7 @@ class GradAccumABMIL(Method):
         from milbench.models.attention import bag_loss
         from milbench.models.chunked import chunked_backward
 
-        loss, _, _ = chunked_backward(model.encoder, model.head, bag.instances,
+        loss, _, _ = chunked_backward(model.encoder, model.head, bag.lazy_instances,
                                       lambda logit: bag_loss(logit, bag.label), config["chunk_size"])
         return float(loss)
 
@@ -85,7 +88,7 @@ class GradAccumABMIL(Method):
         from milbench.models.attention import attention_scores
         from milbench.models.chunked import encode_chunks
 
-        logit, a = model.head(encode_chunks(model.encoder, bag.instances, config["chunk_size"]))
+        logit, a = model.head(encode_chunks(model.encoder, bag.lazy_instances, config["chunk_size"]))
         prob = float(torch.sigmoid(logit))
         return Prediction(bag_prob=prob, instance_scores=attention_scores(a, prob))
 

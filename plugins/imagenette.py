@@ -350,11 +350,12 @@ class ImagenetteBags(Dataset):
         "n_val_bags": Param(50, int, "validation bags (checkpoint selection)", low=1),
         "n_test_bags": Param(100, int, "held-out test bags (from the val folder)", low=1),
     }
-    # CPU default: 64 px, bags of 10 with 30 % golf balls. The design notes measured a small
-    # GroupNorm CNN reaching AUC ~0.9 within 3 epochs at lr 2e-4 (~7 s per epoch on 2 cores);
-    # bags of 20 at lr 5e-4 were unstable. The same config runs on the shipped sample
-    # (bags then reuse its few hundred images; the record says source: sample).
-    defaults = {"lr": 2e-4}
+    # CPU default: 64 px, bags of 10 with 30 % golf balls; this dataset's protocol for every method:
+    # AdamW at 3e-4 with gradients averaged over 4 bags per step. Measured on the shipped sample
+    # (abmil, seed 0, 10 epochs, the cnn encoder with He init): one bag per step at 1e-4..1e-3 made
+    # the training loss jump above 0.9 and test AUC 0.80-0.83; 4 bags per step at 3e-4 trained
+    # steadily (loss 0.72 -> 0.47) to test AUC 0.88.
+    defaults = {"lr": 3e-4, "bags_per_step": 4}
     presets = {
         # Andersson et al. 2022: 112x112 instances, 50 per bag, 30 % key instances in positive
         # bags. Bag counts and optimizer settings as in their QMNIST setup (300/30/60 bags,
@@ -363,6 +364,13 @@ class ImagenetteBags(Dataset):
                   "n_val_bags": 30, "n_test_bags": 60, "bags_per_step": 25, "lr": 5e-5, "epochs": 50},
     }
     smoke = {"instance_size": 32, "bag_size": 4, "n_train_bags": 8, "n_val_bags": 4, "n_test_bags": 8}
+    augmentation = "per photo: horizontal flip, contrast +-20%, brightness +-0.2 std"
+
+    def augment(self, instances, generator):
+        """The usual photo augmentations that keep the class (no vertical flips: photos have an up)."""
+        from milbench.api import color_jitter, random_flips
+
+        return color_jitter(random_flips(instances, generator, vertical=False, rotate=False), generator)
 
     # -- config -----------------------------------------------------------------------------
     def _config(self, config: Mapping[str, Any]) -> dict[str, Any]:

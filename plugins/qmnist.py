@@ -78,6 +78,13 @@ class QMNISTBags(Dataset):
                   "n_val_bags": 30, "n_test_bags": 60, "lr": 5e-5, "bags_per_step": 25, "epochs": 50},
     }
     smoke = {"bag_size": 8, "n_train_bags": 8, "n_val_bags": 4, "n_test_bags": 8}
+    augmentation = "per digit: random shift by up to 1/14 of its side (no flips: a flipped 6 is a 9)"
+
+    def augment(self, instances, generator):
+        """Position jitter only: flips and rotations would turn other digits into the key digit."""
+        from milbench.api import random_shift
+
+        return random_shift(instances, generator, max(1, instances.shape[-1] // 14))
 
     def status(self, data_root: str | None) -> DataStatus:
         from milbench.errors import DataError

@@ -95,6 +95,12 @@ class SampledABMIL(Method):
     presets = {"paper": PAPER_MODEL}
     smoke = {"vote_samples": 3}
 
+    def check(self, config: Mapping[str, Any]) -> None:
+        """An instance too small for the encoder is a one-line error in the parent, not a crash mid-run."""
+        from milbench.models.attention_mil import check_geometry
+
+        check_geometry(config, self.name)
+
     def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
         """abmil's model, carrying its own sample generator seeded from the run seed.
 
@@ -120,8 +126,9 @@ class SampledABMIL(Method):
     def backward(self, model, bag: Bag, config: Mapping[str, Any]) -> float:
         from milbench.models.attention import bag_loss
 
-        idx = self.sample(model, len(bag), config).to(bag.instances.device)
-        logit, _ = model(bag.instances.index_select(0, idx))
+        x = bag.lazy_instances  # a lazy bag reads only the drawn instances
+        idx = self.sample(model, len(bag), config).to(x.device)
+        logit, _ = model(x.index_select(0, idx))
         loss = bag_loss(logit, bag.label)
         loss.backward()
         return float(loss.detach())
@@ -145,7 +152,7 @@ class SampledABMIL(Method):
 
         n = len(bag)
         s = sample_size(n, config["sample_fraction"])
-        h = encode_chunks(model.encoder, bag.instances, s)  # peak like one training sample's forward
+        h = encode_chunks(model.encoder, bag.lazy_instances, s)  # peak like one training sample's forward
         full_logit, a = model.head(h)
         full_prob = float(torch.sigmoid(full_logit))
         extra: dict[str, Any] = {"predict": config["predict"], "sample_size": s, "full_bag_prob": full_prob}

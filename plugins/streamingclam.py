@@ -9,6 +9,16 @@ map F, the CLAM head and the bag loss give dL/dF, and each tile is recomputed
 with autograd to back-propagate its slice. Memory is bounded by ``tile_size``,
 not by the image; the gradient equals the non-streamed network's.
 
+``tile_size=auto`` (the default) sizes the tiles to a memory budget: half of
+what ``--max-memory`` leaves free after setup, or 2 GiB without it. The
+trunk's activation cost per pixel is measured at build time, a ResNet trunk
+is cut into two stages streamed one after the other (see
+:class:`milbench.models.streaming.StreamingTrunk`), and each stage gets the
+largest tile that fits; the choice goes into the record's metrics
+(``stream_*``). ``tile_shape=area`` (the default) lets a tile be any
+rectangle of at most ``tile_size**2`` pixels, e.g. a full-width strip, which
+overlaps its neighbours less than a square.
+
 Scores for Dice: the head's attention over feature-map positions, divided by
 its maximum and multiplied by the bag probability (the convention of
 :func:`milbench.models.attention.attention_scores`, so a bag predicted
@@ -26,13 +36,48 @@ qmnist ground truth marks).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from milbench.api import Bag, DataSpec, Method, Param, Prediction, RunContext, hookimpl
+from milbench.errors import ConfigError
 
 # Names only: milbench.models.clam (torch) checks them again when it builds.
 _TRUNKS = ("small", "lenet", "resnet18", "resnet34", "resnet50")
 _INST_LOSSES = ("none", "svm", "ce")
+_TILE_SHAPES = ("square", "area")  # milbench.models.streaming.TILE_SHAPES, without importing torch
+
+#: Share of what ``--max-memory`` leaves free when the model is built that ``tile_size=auto`` gives
+#: one tile's activations; the rest holds the image, the feature map, dL/dF and allocator slack.
+TILE_BUDGET_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class TileSizeParam(Param):
+    """``tile_size``: a side in pixels, or ``auto`` (the largest tile whose activations
+    fit the run's memory budget). A Param of one type cannot say "int or auto", and a
+    string key would lose the integer check, so this one parses both."""
+
+    def describe(self) -> str:
+        return f"'auto' or int >= {self.low:g}"
+
+    def parse(self, key: str, text: str) -> Any:
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"bad value for '{key}': {text!r} is not {self.describe()}") from None
+        return self.validate(key, value)
+
+    def validate(self, key: str, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or (self.low is not None and value < self.low):
+            raise ConfigError(f"bad value for '{key}': {value!r} is not {self.describe()}")
+        return value
 
 
 class StreamingCLAM(Method):
@@ -40,7 +85,11 @@ class StreamingCLAM(Method):
     supervision = "bag"
     description = "streaming CNN over the bag image (exact tiled forward/backward) + CLAM-SB attention head"
     params = {
-        "tile_size": Param(256, int, "streaming tile side in pixels (>= the image: one plain pass)", low=8),
+        "tile_size": TileSizeParam("auto", int, "streaming tile side in pixels (>= the image: one plain pass), or "
+                                   "auto: the largest tile whose activations fit half of what --max-memory leaves "
+                                   "free (2 GiB without --max-memory)", low=8),
+        "tile_shape": Param("area", str, "square: tile sides <= tile_size; area: rectangles of <= tile_size**2 px "
+                            "that recompute least (same memory bound)", choices=_TILE_SHAPES),
         "trunk": Param("small", str, "CNN trunk streamed over the image", choices=_TRUNKS),
         "trunk_depth": Param(None, int, "trunk stages kept (none: 4; resnets: layer1..layerN)", low=1, high=4,
                              nullable=True),
@@ -56,12 +105,10 @@ class StreamingCLAM(Method):
         "score_level": Param("instance", str, "Dice from instance scores (attention max per patch) or also from "
                              "the pixel attention map", choices=("instance", "pixel")),
     }
-    # A fully convolutional trunk learning from scratch over the bag image sits on the attention-MIL
-    # plateau (loss 0.693) far longer than abmil's per-instance encoder. Measured on qmnist default bags
-    # (lr 5e-4): with weight decay 1e-4 seeds 0 and 1 left it at epoch 23-25 and seed 2 never did in 40
-    # epochs (Adam's L2 term shrinks the trunk while its gradient is tiny); with weight decay 0 seed 2
-    # left it at epoch 21 (test AUC 0.96 at epoch 30). Hence 40 epochs and no weight decay.
-    defaults = {"epochs": 40, "weight_decay": 0.0}
+    # No private epoch budget or weight decay (the protocol is the same for every method). The
+    # earlier recipe (40 epochs, weight decay 0 under Adam's L2) hid a slow start: from scratch the
+    # fully convolutional trunk sits on the attention-MIL plateau longer than abmil's per-instance
+    # encoder; the learning curves in results/README.md show it instead.
     presets = {
         # Dooper et al.: ResNet-34 (ImageNet weights: set pretrained=true where they can be downloaded),
         # 3200-px tiles, CLAM-SB [512, 512, 256], trunk frozen for the first 25 epochs.
@@ -77,11 +124,11 @@ class StreamingCLAM(Method):
         from milbench.models.clam import build_trunk
         from milbench.models.streaming import geometry
 
+        if config["tile_size"] == "auto":  # sized in build(), where the budget is known
+            return
         trunk = build_trunk(config["trunk"], 3, config["trunk_depth"], pretrained=False)
         need = geometry(trunk).min_tile_size
         if config["tile_size"] < need:
-            from milbench.errors import ConfigError
-
             raise ConfigError(f"bad value for 'tile_size': {config['tile_size']} is smaller than the {need} px "
                               f"the '{config['trunk']}' trunk needs (its receptive field, rounded up to whole strides)")
 
@@ -93,9 +140,19 @@ class StreamingCLAM(Method):
         # so the bag classifier is CLAM's two-class one.
         head = CLAMHead(trunk.out_channels, config["hidden_dim"], config["attn_dim"], 2,
                         config["dropout"], config["inst_loss"], config["inst_k"], config["head_pool"])
-        model = StreamingCLAMModel(trunk, head, config["tile_size"])
+        trunk = trunk.to(ctx.device)
+        plan, sizing = resolve_tiles(trunk, config["tile_size"], ctx)
+        model = StreamingCLAMModel(trunk, head, list(plan.tile_sizes), config["tile_shape"], plan.split,
+                                   plan.bytes_per_pixel if config["tile_size"] == "auto" else None,
+                                   plan.budget_bytes if config["tile_size"] == "auto" else None)
         model.trunk_frozen = config["freeze_trunk_epochs"] > 0
+        model.tile_sizing = sizing
         return model.to(ctx.device)
+
+    def artifacts(self, model, splits, config: Mapping[str, Any], ctx: RunContext) -> dict[str, Any]:
+        """The tiles the run streamed with (numbers go into the record's ``metrics``): what
+        ``tile_size=auto`` chose -- stages, tile sides, budget, cost per pixel."""
+        return dict(getattr(model, "tile_sizing", {}))
 
     def on_epoch_start(self, model, epoch: int, config: Mapping[str, Any]) -> None:
         # The harness counts epochs from 1: epochs 1..k train the head only.
@@ -108,7 +165,7 @@ class StreamingCLAM(Method):
         def head_loss(features):
             return clam_loss(model.head(features, bag.label), bag.label, config["inst_weight"])
 
-        loss = streamed_forward_backward(model.stream, bag.image(), head_loss, train_trunk=not model.trunk_frozen)
+        loss = streamed_forward_backward(model.stream, bag.lazy_image, head_loss, train_trunk=not model.trunk_frozen)
         return float(loss)
 
     def predict(self, model, bag: Bag, config: Mapping[str, Any]) -> Prediction:
@@ -116,7 +173,7 @@ class StreamingCLAM(Method):
 
         from milbench.models.clam import clam_loss
 
-        out = model.head(model.stream.forward_streamed(bag.image()))
+        out = model.head(model.stream.forward_streamed(bag.lazy_image))
         probs = torch.softmax(out.logits.double(), dim=0)
         bag_prob = float(probs[1])
         pixel = attention_pixels(model, out.attention_map, bag) * bag_prob
@@ -127,6 +184,52 @@ class StreamingCLAM(Method):
             loss=float(clam_loss(out, bag.label)),
             extra={"feature_map": list(out.attention_map.shape)},
         )
+
+
+def resolve_tiles(trunk, tile_size: int | str, ctx: RunContext):
+    """The :class:`~milbench.models.streaming.StagePlan` to stream with, and what the
+    record says about it.
+
+    A side in pixels streams the trunk as one. ``auto`` cuts the trunk where
+    that recomputes least and gives each stage the largest tile whose
+    activations fit the budget (:func:`milbench.models.streaming.auto_stages`,
+    which measures the activation cost per pixel): with ``--max-memory``,
+    :data:`TILE_BUDGET_SHARE` of what is left once the data is loaded and the
+    model built (resident memory on a CPU, torch's allocation on a GPU) and
+    the trunk's gradients and two optimizer moments are set aside; without
+    it, :data:`~milbench.models.streaming.DEFAULT_TILE_BUDGET_BYTES`.
+    """
+    from milbench.models.streaming import DEFAULT_TILE_BUDGET_BYTES, StagePlan, auto_stages
+
+    if tile_size != "auto":
+        return StagePlan((), (int(tile_size),), (), 0.0), {"stream_tile_size": int(tile_size), "stream_stages": 1}
+    limit = getattr(ctx, "max_memory_bytes", None)
+    if limit:
+        import torch
+
+        device = torch.device(ctx.device)
+        if device.type == "cuda":
+            in_use = torch.cuda.memory_allocated(device)
+        else:
+            import psutil
+
+            in_use = psutil.Process().memory_info().rss
+        state = sum(p.numel() * p.element_size() for p in trunk.parameters()) * 3  # grads + two moments
+        budget = TILE_BUDGET_SHARE * (limit - in_use - state)
+        if budget <= 0:
+            raise ConfigError(f"tile_size=auto: --max-memory {limit / 2**20:.0f} MiB leaves no room for tiles "
+                              f"({in_use / 2**20:.0f} MiB in use after setup); raise it or give tile_size in pixels")
+    else:
+        budget = float(DEFAULT_TILE_BUDGET_BYTES)
+    plan = auto_stages(trunk, budget)
+    record: dict[str, float] = {"stream_tile_size": plan.tile_sizes[0], "stream_stages": len(plan.tile_sizes),
+                                "stream_tile_budget_bytes": int(budget),
+                                "stream_tile_budget_from_max_memory": int(bool(limit)),
+                                "stream_tile_bytes_per_pixel": plan.bytes_per_pixel[0]}
+    for i, (t, c) in enumerate(zip(plan.tile_sizes[1:], plan.bytes_per_pixel[1:]), start=2):
+        record.update({f"stream_stage{i}_cut": plan.split[i - 2], f"stream_stage{i}_tile_size": t,
+                       f"stream_stage{i}_bytes_per_pixel": c})
+    return plan, record
 
 
 def attention_pixels(model, attention_map, bag: Bag):

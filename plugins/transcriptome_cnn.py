@@ -55,8 +55,9 @@ class TranscriptomeCNN(Method):
                                 "many training patches as one batch (precise BN; 0: PyTorch running averages)",
                                 low=0),
     }
-    defaults = {"lr": 1e-3, "epochs": 6}
-    presets = {"paper": {"epochs": 20}}
+    # No defaults or presets of protocol keys (lr, epochs, ...): the training protocol is the
+    # same for every method on a dataset (milbench.protocol); the paper's 20 epochs are the
+    # mouse-brain dataset's paper preset.
     smoke: Mapping[str, Any] = {"eval_batch": 64}
 
     # ------------------------------------------------------------------ geometry
@@ -86,6 +87,20 @@ class TranscriptomeCNN(Method):
         if not timm.is_model(config["backbone"]):
             raise ConfigError(f"unknown timm backbone {config['backbone']!r}"
                               f"{did_you_mean(config['backbone'], timm.list_models())}")
+        # the patch geometry, as far as the config decides it (the dataset's instance_size is a config key),
+        # so a size the backbone cannot take is refused here rather than in the child's build()
+        inst, patch = config.get("instance_size"), config.get("patch_size")
+        if inst is not None and patch is not None and config.get("patch_fit") == "crop" and patch > inst:
+            raise ConfigError(f"patch_size={patch} exceeds instance_size={inst} with patch_fit=crop; lower "
+                              f"patch_size, raise instance_size or use patch_fit=resize")
+        size = patch or inst
+        if size is not None:
+            from milbench.models.patch_classifier import check_backbone_input
+
+            # each bag's patches are one training batch: the smallest bag (Gaussian sizes are clipped at 2)
+            bag = config.get("bag_size") or 2
+            smallest = min(int(bag), 2) if config.get("bag_size_std") else int(bag)
+            check_backbone_input(config["backbone"], int(size), smallest)
 
     def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
         from milbench.models.patch_classifier import PatchClassifier, build_backbone
@@ -102,9 +117,10 @@ class TranscriptomeCNN(Method):
     def backward(self, model, bag: Bag, config: Mapping[str, Any]) -> float:
         import torch.nn.functional as F
 
-        labels = self._labels(model, bag).to(bag.instances.device)
-        model.remember(bag.instances)
-        logits = model(bag.instances)
+        x = bag.instances  # read once (a lazy bag materialises on each access)
+        labels = self._labels(model, bag).to(x.device)
+        model.remember(x)
+        logits = model(x)
         loss = F.cross_entropy(logits, labels, weight=model.loss_weights(labels))
         loss.backward()
         return float(loss.detach())
@@ -113,6 +129,9 @@ class TranscriptomeCNN(Method):
     def _labels(model, bag: Bag):
         from milbench.errors import DataError
 
+        if not getattr(bag, "instance_labels_known", True):
+            raise DataError(f"bag {bag.bag_id} has no instance labels; transcriptome-cnn trains on instance labels "
+                            f"(slides: give the manifest an annotation column with GeoJSON files)")
         labels = bag.instance_labels.long()
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= model.n_classes):
             raise DataError(f"bag {bag.bag_id}: instance label {int(labels.max())} outside 0..{model.n_classes - 1}")
@@ -126,7 +145,7 @@ class TranscriptomeCNN(Method):
 
         batch = config["eval_batch"]
         model.recalibrate_bn()
-        probs = predict_batched(model, bag.instances, batch)
+        probs = predict_batched(model, bag.lazy_instances, batch)
         key = model.key_class
         scores = probs[:, key].float().cpu()
         labels = self._labels(model, bag)
@@ -159,6 +178,14 @@ class TranscriptomeCNN(Method):
         if area is None or ctx.artifact_dir is None:
             return out
         stride = _stride(model, config)
+        # this step can take longer than training on a smoke run: say what it is doing (child log/stderr)
+        import sys
+        import time
+
+        t0 = time.perf_counter()
+        h, w = area.image.shape[-2:]
+        print(f"[milbench] transcriptome-cnn: predicting the {w}x{h} px test area (sliding window, stride "
+              f"{stride}) and drawing its figure ...", file=sys.stderr, flush=True)
         was = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -178,6 +205,8 @@ class TranscriptomeCNN(Method):
         draw_area_figure(path, area.image, area.classes, pred, names, genes, scores,
                          title=f"{config['backbone']} - test area x {area.x0}..{area.x1} of {area.section}")
         out["area_figure"] = path
+        print(f"[milbench] transcriptome-cnn: test-area figure written ({time.perf_counter() - t0:.1f}s): {path}",
+              file=sys.stderr, flush=True)
         return out
 
 

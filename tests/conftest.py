@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("MILBENCH_DATA_ROOT") or REPO.parent / "shared" / "data")
+#: The one home of the tests' data root: ``$MILBENCH_DATA_ROOT`` (the README passes the relative
+#: ``../shared/data``), else ``../shared/data`` beside the repo — always made absolute, because tests
+#: build symlinks to real files and start CLI subprocesses in other working directories, where a
+#: relative root points nowhere.
+SHARED_DATA = Path(os.environ.get("MILBENCH_DATA_ROOT") or REPO.parent / "shared" / "data").expanduser().resolve()
+if os.environ.get("MILBENCH_DATA_ROOT"):
+    # child processes (and code that reads the variable itself) see the same absolute root
+    os.environ["MILBENCH_DATA_ROOT"] = str(SHARED_DATA)
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,8 @@ from milbench.data_cli import data_group
 from milbench.errors import DataError, MilbenchError
 from milbench.plugins import load_registry
 
-DATA = Path(os.environ.get("MILBENCH_DATA_ROOT", "/work/shared/data"))
+from conftest import SHARED_DATA as DATA  # noqa: E402  (the one home of the data root)
+
 FULL = DATA / "imagenette2-224"
 needs_full = pytest.mark.skipif(not (FULL / "train").is_dir(),
                                 reason=f"real Imagenette not found at {FULL} (set MILBENCH_DATA_ROOT)")

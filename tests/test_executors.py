@@ -26,7 +26,9 @@ from milbench.errors import MilbenchError
 from milbench.executors import LocalExecutor, make_executor
 from milbench.records import iter_records
 
-DATA = os.environ.get("MILBENCH_DATA_ROOT", "/work/shared/data")
+from conftest import SHARED_DATA  # noqa: E402  (the one home of the data root)
+
+DATA = str(SHARED_DATA)
 HAS_SUBMITIT = importlib.util.find_spec("submitit") is not None
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_data = pytest.mark.skipif(not (Path(DATA) / "MNIST").exists(),

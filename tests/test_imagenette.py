@@ -1,6 +1,6 @@
 """The ``imagenette`` dataset on the real files in ../shared/data and on the shipped sample.
 
-Real-data tests read ``$MILBENCH_DATA_ROOT`` (default /work/shared/data) and skip
+Real-data tests read ``$MILBENCH_DATA_ROOT`` (default ../shared/data, see conftest) and skip
 with a reason when its ``imagenette2-224`` copy is absent.
 """
 
@@ -26,7 +26,8 @@ torch.set_num_threads(1)
 
 
 imn = importlib.import_module("milbench_plugins.imagenette")
-DATA = Path(os.environ.get("MILBENCH_DATA_ROOT", "/work/shared/data"))
+from conftest import SHARED_DATA as DATA  # noqa: E402  (absolute: make_layout symlinks to real files)
+
 FULL = DATA / "imagenette2-224"
 needs_full = pytest.mark.skipif(not (FULL / "train").is_dir() or not (FULL / "val").is_dir(),
                                 reason=f"real Imagenette not found at {FULL} (set MILBENCH_DATA_ROOT)")

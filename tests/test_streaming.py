@@ -16,7 +16,8 @@ from torch import nn
 
 from milbench.errors import ConfigError
 from milbench.models.norms import FrozenBatchNorm2d, freeze_batch_norms
-from milbench.models.streaming import StreamingTrunk, geometry, plan_tiles, streamed_forward_backward
+from milbench.models.streaming import (StreamingTrunk, activation_bytes_per_pixel, auto_tile_size, geometry,
+                                       plan_tiles, streamed_forward_backward)
 
 torch.set_num_threads(1)
 # torch warns that an even 'same' kernel pads a copy of the input; that layer is here on purpose
@@ -73,6 +74,10 @@ def _reference(trunk: nn.Module, x: torch.Tensor, g_seed: int = 1):
     return out.detach(), grad, [p.grad.clone() for p in trunk.parameters()], x.grad.clone()
 
 
+def _shapes(plan) -> set[tuple[int, int]]:
+    return {(t.rows.stop - t.rows.start, t.cols.stop - t.cols.start) for t in plan}
+
+
 def _streamed(trunk: nn.Module, x: torch.Tensor, grad: torch.Tensor, tile: int, shape: str = "square"):
     stream = StreamingTrunk(trunk, tile, shape)
     trunk.zero_grad(set_to_none=True)
@@ -97,6 +102,8 @@ def test_float64_streamed_equals_plain(name, shape):
             assert len({t.rows.start for t in plan}) > 1 and len({t.cols.start for t in plan}) > 1, "both axes"
         assert len(plan) > 1
         assert h % tile and w % tile
+        assert len(_shapes(plan)) == 1, "edge tiles shifted inward, not shorter"
+        assert all(t.rows.stop <= h and t.cols.stop <= w for t in plan), "no tile reads past the image"
         assert out.shape == ref.shape
         assert (out - ref).abs().max().item() <= 1e-9
         for g, r in zip(grads, ref_grads):
@@ -159,20 +166,60 @@ def test_tiles_cover_feature_map_once(shape):
 
 
 def test_area_tiles_recompute_less_under_the_same_bound():
-    """ResNet-34 at 2048 px with 1920-px tiles: 2x2 squares read 2.1x the image,
-    full-height strips of at most 1920**2 pixels read 1.45x."""
+    """ResNet-34 at 2048 px with 1920-px tiles: 2x2 squares read 2.16x the image
+    (2 x 1504 px per axis, one shape; mixed 1920 + 1056 read 2.11x), full-height
+    strips of at most 1920**2 pixels read 1.45x."""
     from milbench.models.clam import build_trunk
     from milbench.models.streaming import describe
 
     geo = geometry(build_trunk("resnet34", 3))
     square, area = describe(geo, 2048, 2048, 1920), describe(geo, 2048, 2048, 1920, "area")
-    assert square["tiles"] == 4 and abs(square["overlap_factor"] - 2.1116) < 1e-3
+    assert square["tiles"] == 4 and abs(square["overlap_factor"] - 2.1572) < 1e-3
+    assert square["largest_tile"] == [1504, 1504] and square["distinct_tile_shapes"] == 1
     assert area["tiles"] == 2 and area["overlap_factor"] < 1.5
     assert area["largest_tile"][0] * area["largest_tile"][1] <= 1920 * 1920
     for side, tile in [(3000, 1500), (4096, 3200), (8192, 3200), (2500, 1100)]:
         assert describe(geo, side, side, tile, "area")["overlap_factor"] <= describe(geo, side, side, tile)["overlap_factor"]
     with pytest.raises(ConfigError, match="tile shape 'round'; valid: square, area"):
         StreamingTrunk(build_trunk("resnet34", 3), 1920, "round")
+
+
+@pytest.mark.parametrize("shape", ["square", "area"])
+@pytest.mark.parametrize("side", [1600, 2048, 3001, 4100])
+def test_resnet34_tiles_share_one_shape(side, shape):
+    """The first-epoch penalty came from edge tiles of other shapes: every tile of
+    a plan now has one shape, the last one shifted inward to end on the border."""
+    from milbench.models.clam import build_trunk
+
+    geo = geometry(build_trunk("resnet34", 3))
+    plan = plan_tiles(geo, side, side + 77, 1500, shape)
+    assert len(plan) >= 2 and len(_shapes(plan)) == 1
+    assert max(t.rows.stop for t in plan) == side and max(t.cols.stop for t in plan) == side + 77
+    assert all(t.rows.start % 32 == 0 and t.cols.start % 32 == 0 for t in plan)
+
+
+def test_activation_cost_is_counted_per_pixel():
+    """conv(3->8) + ReLU + conv(8->4) keeps the input (3 channels) and the ReLU's
+    output (8 channels, shared with the second conv's input) per pixel: 11 values,
+    times the headroom; float64 doubles it."""
+    from milbench.models.streaming import ACTIVATION_HEADROOM
+
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    assert activation_bytes_per_pixel(trunk) == pytest.approx(11 * 4 * ACTIVATION_HEADROOM)
+    assert activation_bytes_per_pixel(trunk.double()) == pytest.approx(11 * 8 * ACTIVATION_HEADROOM)
+
+
+def test_auto_tile_size_is_the_largest_that_fits():
+    geo = geometry(resnet_trunk())
+    per_pixel = activation_bytes_per_pixel(resnet_trunk())
+    s = geo.stride[0]
+    for budget in (50 * 2**20, 200 * 2**20, 2**30):
+        tile = auto_tile_size(geo, per_pixel, budget)
+        assert tile % s == 0 and tile >= geo.min_tile_size
+        assert tile * tile * per_pixel <= budget < (tile + s) ** 2 * per_pixel
+    assert auto_tile_size(geo, per_pixel, 2**30) > auto_tile_size(geo, per_pixel, 50 * 2**20)
+    with pytest.raises(ConfigError, match=r"tile_size=auto: a tile budget of 0 MiB .* at least 112 px"):
+        auto_tile_size(geo, per_pixel, 100_000)
 
 
 def test_geometry_is_computed_from_layers():
@@ -224,16 +271,27 @@ def test_random_sequential_trunks(seed):
         pytest.skip("random trunk leaves no output at this size")
     x = torch.randn(1, 2, h, w, dtype=torch.float64)
     ref, grad, ref_grads, ref_gx = _reference(trunk, x)
-    _, out, grads, gx = _streamed(trunk, x, grad, geo.min_tile_size + rng.randint(0, 20))
-    assert (out - ref).abs().max().item() <= 1e-9
-    assert all((g - r).abs().max().item() <= 1e-9 for g, r in zip(grads, ref_grads))
-    assert (gx - ref_gx).abs().max().item() <= 1e-9
+    # a tile near the minimum (the plan may fall back to mixed lengths), then one a stride longer or more,
+    # where every tile must share one shape (interior tiles then end off the stride grid)
+    small = geo.min_tile_size + rng.randint(0, 20)
+    larger = geo.min_tile_size + max(geo.stride) + rng.randint(0, 30)
+    for tile, shape in ((small, "square"), (larger, rng.choice(["square", "area"]))):
+        stream, out, grads, gx = _streamed(trunk, x, grad, tile, shape)
+        assert (out - ref).abs().max().item() <= 1e-9
+        assert all((g - r).abs().max().item() <= 1e-9 for g, r in zip(grads, ref_grads))
+        assert (gx - ref_gx).abs().max().item() <= 1e-9
+    assert len(_shapes(stream.tiles(h, w))) == 1
 
 
-def test_streamed_forward_backward_matches_plain_step():
+@pytest.mark.parametrize("split, tiles", [((), 85), ((4,), [60, 40]), ((2, 7), [50, 40, 10])])
+def test_streamed_forward_backward_matches_plain_step(split, tiles):
+    """The training step keeps the last tile's graph (and the maps between
+    stages) from the forward; the gradients are still the plain ones."""
     trunk = plain_trunk().double()
     head = nn.Conv2d(8, 1, 1).double()
     x = torch.randn(1, 3, 90, 101, dtype=torch.float64)
+    stream = StreamingTrunk(trunk, tiles, "square", split)
+    assert all(len(st.tiles(*st_in)) > 1 for st, st_in in zip(stream.stages[:1], [(90, 101)]))
 
     def head_fn(f):
         return head(f).square().mean()
@@ -243,10 +301,86 @@ def test_streamed_forward_backward_matches_plain_step():
     ref = [p.grad.clone() for p in [*trunk.parameters(), *head.parameters()]]
     trunk.zero_grad(set_to_none=True)
     head.zero_grad(set_to_none=True)
-    loss = streamed_forward_backward(StreamingTrunk(trunk, 85), x, head_fn)
+    loss = streamed_forward_backward(stream, x, head_fn)
     got = [p.grad for p in [*trunk.parameters(), *head.parameters()]]
     assert abs(loss.item() - loss_ref.item()) <= 1e-12
     assert max((g - r).abs().max().item() for g, r in zip(got, ref)) <= 1e-9
+    assert stream._saved is None, "nothing kept after the step"
+
+
+@pytest.mark.parametrize("budget, kept", [(1.0, [False, False, True]), (1e12, [True, True, True])])
+def test_kept_stages_follow_the_budget(budget, kept):
+    """With costs and a budget, earlier stages keep their last tile too while it
+    all fits (a whole image that fits trains without recomputation); the step's
+    gradients are the plain ones either way."""
+    trunk = plain_trunk().double()
+    head = nn.Conv2d(8, 1, 1).double()
+    x = torch.randn(1, 3, 90, 101, dtype=torch.float64)
+
+    def head_fn(f):
+        return head(f).square().mean()
+
+    head_fn(trunk(x)).backward()
+    ref = [p.grad.clone() for p in [*trunk.parameters(), *head.parameters()]]
+    trunk.zero_grad(set_to_none=True)
+    head.zero_grad(set_to_none=True)
+    stream = StreamingTrunk(trunk, [50, 40, 10], "square", (2, 7), [100.0, 100.0, 100.0], budget)
+    assert stream._keep_plan(90, 101) == kept
+    streamed_forward_backward(stream, x, head_fn)
+    got = [p.grad for p in [*trunk.parameters(), *head.parameters()]]
+    assert max((g - r).abs().max().item() for g, r in zip(got, ref)) <= 1e-9
+
+
+@pytest.mark.parametrize("shape", ["square", "area"])
+def test_split_stages_equal_plain(shape):
+    """A trunk cut into stages (ResNet-18 to layer2 before layer1 and before layer2),
+    each streamed with several tiles of its own size: output, parameter and
+    input gradients equal the plain network's (float64)."""
+    trunk = resnet_trunk().double()
+    h, w = 161, 197
+    x = torch.randn(1, 3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref, grad, ref_grads, ref_gx = _reference(trunk, x)
+    stream = StreamingTrunk(trunk, [100, 30, 24], shape, [4, 5])
+    assert [len(st.module) for st in stream.stages] == [4, 1, 1]
+    size = (h, w)
+    for st in stream.stages:
+        assert len(st.tiles(*size)) > 1, "every stage really streams"
+        size = st.geometry.output_size(*size)
+    trunk.zero_grad(set_to_none=True)
+    out = stream.forward_streamed(x)
+    gx = stream.backward_streamed(x, grad, input_grad=True)
+    assert (out - ref).abs().max().item() <= 1e-9
+    for g, r in zip([p.grad for p in trunk.parameters()], ref_grads):
+        assert (g - r).abs().max().item() <= 1e-9
+    assert (gx - ref_gx).abs().max().item() <= 1e-9
+    assert sum(1 for _ in stream.parameters()) == sum(1 for _ in trunk.parameters()), "stages register nothing"
+
+
+def test_bad_split_is_a_clear_error():
+    with pytest.raises(ConfigError, match="only an nn.Sequential trunk splits"):
+        StreamingTrunk(nn.Conv2d(3, 3, 3), 50, split=[1])
+    with pytest.raises(ConfigError, match="cuts must lie between the trunk's 6 children"):
+        StreamingTrunk(resnet_trunk(), 100, split=[6])
+    with pytest.raises(ConfigError, match="3 stages need 3 tile sizes, got 2"):
+        StreamingTrunk(resnet_trunk(), [100, 50], split=[2, 4])
+
+
+def test_auto_stages_cut_resnet34_where_tiles_are_widest():
+    """ResNet-34 at a 2 GiB budget: streamed as one, a tile is under two receptive
+    fields wide; cut before layer3, the early stage's tiles are many of its own
+    (small) fields wide and the late stage's are too, each within the budget."""
+    from milbench.models.clam import build_trunk
+    from milbench.models.streaming import auto_stages
+
+    trunk = build_trunk("resnet34", 3)
+    plan = auto_stages(trunk, 2 * 2**30)
+    one = auto_stages(trunk, 2 * 2**30, max_stages=1)
+    assert one.split == () and one.tile_sizes[0] / 899 < 2
+    assert len(plan.split) == 1
+    stream = StreamingTrunk(trunk, list(plan.tile_sizes), "area", plan.split)
+    for st, t, c in zip(stream.stages, plan.tile_sizes, plan.bytes_per_pixel):
+        assert t * t * c <= 2 * 2**30
+        assert t / max(st.geometry.receptive_field) > 2 * one.tile_sizes[0] / 899
 
 
 def test_frozen_trunk_costs_no_backward():

@@ -66,6 +66,7 @@ def plain_step(model, bag, config):
 
 @pytest.mark.parametrize("overrides", [
     {"inst_loss": "none"},
+    {"inst_loss": "none", "tile_shape": "square"},
     {"inst_loss": "svm", "inst_k": 3},
     {"inst_loss": "ce", "inst_k": 2, "head_pool": 2},
 ])
@@ -149,6 +150,81 @@ def test_check_refuses_a_too_small_tile(plugin):
     with pytest.raises(ConfigError, match="tile_size"):
         method.check(make_config(method, tile_size=16))
     method.check(make_config(method))  # defaults are fine
+
+
+def test_tile_keys_parse_and_refuse_clearly(plugin):
+    from milbench.config import Param
+
+    params = plugin.StreamingCLAM.params
+    assert params["tile_size"].default == "auto" and params["tile_shape"].default == "area"
+    assert params["tile_size"].parse("tile_size", "auto") == "auto"
+    assert params["tile_size"].parse("tile_size", "320") == 320
+    assert params["tile_size"].validate("tile_size", 320.0) == 320
+    for bad in ("big", "4", "12.5"):
+        with pytest.raises(ConfigError, match="bad value for 'tile_size': .* is not 'auto' or int >= 8"):
+            params["tile_size"].parse("tile_size", bad)
+    with pytest.raises(ConfigError, match="bad value for 'tile_shape'"):
+        params["tile_shape"].parse("tile_shape", "round")
+    assert isinstance(params["tile_size"], Param)
+
+
+def test_auto_tile_size_follows_max_memory(plugin):
+    """--max-memory (RunContext.max_memory_bytes) sizes the tile: half of what is left
+    after setup; a larger limit gives a larger tile, the choice is in the record, and
+    a limit with no room left is a clear error."""
+    import psutil
+
+    from milbench.models.streaming import DEFAULT_TILE_BUDGET_BYTES
+
+    method = plugin.StreamingCLAM()
+    config = make_config(method, hidden_dim=16, attn_dim=8)
+    spec = DataSpec(channels=1, instance_size=16)
+    rss = psutil.Process().memory_info().rss
+    chosen = {}
+    for extra in (64 * 2**20, 1024 * 2**20):
+        model = method.build(spec, config, RunContext("cpu", 0, max_memory_bytes=rss + extra))
+        rec = method.artifacts(model, None, config, RunContext("cpu", 0))
+        tile = model.stream.tile_size
+        assert rec["stream_tile_size"] == tile and rec["stream_tile_budget_bytes"] <= extra / 2
+        assert rec["stream_tile_budget_from_max_memory"] == 1
+        assert tile * tile * rec["stream_tile_bytes_per_pixel"] <= rec["stream_tile_budget_bytes"]
+        assert model.stream.tile_shape == "area"
+        chosen[extra] = tile
+    assert chosen[64 * 2**20] < chosen[1024 * 2**20]
+    default = method.build(spec, config, RunContext("cpu", 0))
+    assert method.artifacts(default, None, config, RunContext("cpu", 0))["stream_tile_budget_bytes"] == \
+        DEFAULT_TILE_BUDGET_BYTES
+    with pytest.raises(ConfigError, match="tile_size=auto: --max-memory .* leaves no room for tiles"):
+        method.build(spec, config, RunContext("cpu", 0, max_memory_bytes=rss // 2))
+
+
+def test_auto_stages_backward_equals_plain(plugin, monkeypatch):
+    """tile_size=auto under a tight budget (1 % of a 1 GiB margin over --max-memory):
+    the ResNet trunk is cut into stages that each stream with several tiles, and
+    the gradient is still the plain model's (float64)."""
+    import psutil
+
+    monkeypatch.setattr(plugin, "TILE_BUDGET_SHARE", 0.01)
+
+    method = plugin.StreamingCLAM()
+    config = make_config(method, trunk="resnet18", trunk_depth=2, hidden_dim=16, attn_dim=8)
+    method.build(DataSpec(channels=3, instance_size=48), config, RunContext("cpu", 0))  # imports in the baseline
+    torch.manual_seed(0)
+    limit = psutil.Process().memory_info().rss + 2**30
+    model = method.build(DataSpec(channels=3, instance_size=48), config,
+                         RunContext("cpu", 0, max_memory_bytes=limit)).double()
+    rec = method.artifacts(model, None, config, RunContext("cpu", 0))
+    assert rec["stream_stages"] == 2 and len(model.stream.stages) == 2
+    bag = make_bag(n=12, channels=3, p=48, label=1)  # 144 x 192 image
+    assert len(model.stream.tiles(144, 192)) > 1, "the test must really stream"
+    ref_loss, ref = plain_step(model, bag, config)
+    model.zero_grad(set_to_none=True)
+    loss = method.backward(model, bag, config)
+    got = grads(model)
+    assert abs(loss - ref_loss) <= 1e-9
+    for name, r in ref.items():
+        if r is not None:
+            assert (got[name] - r).abs().max().item() <= 1e-9, name
 
 
 def test_registers_and_imports_without_torch(plugin):

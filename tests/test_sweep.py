@@ -20,7 +20,9 @@ from milbench import sweep as sw
 from milbench.errors import ConfigError, MilbenchError
 from milbench.records import iter_records, write_record
 
-DATA = os.environ.get("MILBENCH_DATA_ROOT", "/work/shared/data")
+from conftest import SHARED_DATA  # noqa: E402  (the one home of the data root)
+
+DATA = str(SHARED_DATA)
 needs_data = pytest.mark.skipif(not (Path(DATA) / "MNIST").exists(),
                                 reason=f"MNIST files not found under {DATA} (set MILBENCH_DATA_ROOT)")
 
@@ -234,7 +236,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_points(tmp_path):
     from milbench.report import load_frame, summarize
 
     summary = summarize(load_frame(str(tmp_path), include_smoke=True), ["bag_auc"])
-    assert list(summary["row"]) == ["abmil [bag_size=4]", "abmil [bag_size=6]"]
+    # smoke points, shown with include_smoke, are marked as such (issue 19)
+    assert list(summary["row"]) == ["abmil [bag_size=4] (smoke)", "abmil [bag_size=6] (smoke)"]
     assert list(summary["runs"]) == ["1 ok", "1 ok, 1 interrupted"]
 
 

@@ -258,3 +258,6 @@ def test_cli_run_on_the_embedded_section_writes_record_and_figure(tmp_path):
         assert m[key] is None or 0.0 <= m[key] <= 1.0, key  # None: class absent from truth and prediction
     fig = rec["artifacts"]["area_figure"]
     assert not fig.startswith("/") and (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the slow artifact step says what it is doing, and run says where the figure is
+    assert "predicting the" in res.stderr and "drawing its figure" in res.stderr
+    assert f"artifacts: {out / 'artifacts' / rec['run_id']} (area_figure)" in res.stdout

@@ -38,10 +38,13 @@ def compare(a, b, results, datasets, presets, metrics, include_smoke, fmt, outpu
     """
     from milbench import compare as cmp
     from milbench.errors import MilbenchError
-    from milbench.records import results_dir
+    from milbench.records import existing_results_dir
     from milbench.report import load_frame
 
     pa, pb = Path(a), Path(b)
+    for arg, p in ((a, pa), (b, pb)):
+        if ("/" in arg or arg.startswith(".")) and not p.is_dir():  # meant a folder (method names have no '/')
+            raise MilbenchError(f"results directory {arg} does not exist; give two methods or two existing folders")
     if pa.is_dir() != pb.is_dir():
         which, other = (a, b) if pa.is_dir() else (b, a)
         raise MilbenchError(f"'{which}' is a directory but '{other}' is not: give two methods or two results directories")
@@ -50,13 +53,15 @@ def compare(a, b, results, datasets, presets, metrics, include_smoke, fmt, outpu
         frames = [load_frame(str(pa), include_smoke), load_frame(str(pb), include_smoke)]
         names = (str(a), str(b))
     else:
-        frames = [load_frame(str(results_dir(results)), include_smoke)]
+        frames = [load_frame(str(existing_results_dir(results)), include_smoke)]
         names = (a, b)
 
     def select(df):
+        hidden = df.attrs.get("hidden_smoke", 0)
         for col, sel in (("dataset", datasets), ("preset", presets)):
             if sel and not df.empty:
                 df = df[df[col].isin([s.strip() for s in sel.split(",")])]
+        df.attrs["hidden_smoke"] = hidden  # for the "add --include-smoke" hint
         return df
 
     frames = [select(f) for f in frames]

@@ -15,8 +15,17 @@ def list_cmd(data_root):
 
     from milbench.plugins import get_registry
 
+    from milbench.protocol import PROTOCOL_PARAMS
+
     reg = get_registry()
     console = make_console()
+    t = Table(title="training protocol (the same for every method; a dataset may set these for all methods on it)")
+    for col in ("key", "default", "valid", "tuned by `milbench tune`", "what it does"):
+        t.add_column(col)
+    for key, p in PROTOCOL_PARAMS.items():
+        t.add_row(key, escape(str(p.default)), escape(p.describe()),
+                  escape(f"{p.search[0]} {list(p.search[1:])}") if p.search else "—", escape(p.help))
+    console.print(t)
     t = Table(title="methods")
     for col in ("name", "supervision", "plugin", "description", "keys (default)", "presets"):
         t.add_column(col)
@@ -33,6 +42,8 @@ def list_cmd(data_root):
         d = reg.datasets[name]
         defaults = {k: p.default for k, p in d.params.items()}
         size = ", ".join(f"{k}={defaults[k]}" for k in ("bag_size", "instance_size", "n_train_bags", "n_val_bags", "n_test_bags") if k in defaults)
+        if d.defaults:
+            size += "; protocol: " + ", ".join(f"{k}={v}" for k, v in d.defaults.items() if k in PROTOCOL_PARAMS)
         try:
             st = d.status(data_root)
             where = f"{st.source}: {st.detail}" + (f" [{st.root}]" if st.root else "")

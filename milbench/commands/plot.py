@@ -7,8 +7,9 @@ import click
 
 @click.command()
 @click.option("--results", "results", default=None, help="results directory (searched recursively)")
-@click.option("--kind", type=click.Choice(["scaling", "tradeoff"]), default="scaling", show_default=True,
-              help="scaling: y metrics against --x; tradeoff: --metric against peak memory")
+@click.option("--kind", type=click.Choice(["scaling", "tradeoff", "curves"]), default="scaling", show_default=True,
+              help="scaling: y metrics against --x; tradeoff: --metric against peak memory; curves: learning "
+                   "curves from the records' history (per dataset and method, mean over seeds)")
 @click.option("--x", "x", default="bag_size", show_default=True, help="swept config key on the x axis (scaling)")
 @click.option("--y", "ys", multiple=True,
               help="y metric per panel (repeatable) [peak_mib, train_s_per_bag]; any report metric works")
@@ -32,13 +33,31 @@ def plot(results, kind, x, ys, metric, methods, datasets, presets, include_smoke
       milbench plot --x bag_size --logx -o results/bag_size.png
       milbench plot --x instance_size --dataset qmnist -o results/instance_size.svg
       milbench plot --kind tradeoff --metric bag_auc -o results/tradeoff.png
+      milbench plot --kind curves -o results/learning_curves.png
     """
     from milbench.errors import MilbenchError
     from milbench.plotting import save, scaling_figure, tradeoff_figure
-    from milbench.records import results_dir
-    from milbench.report import load_frame
+    from milbench.records import existing_results_dir
+    from milbench.report import load_frame, smoke_hint
 
-    df = load_frame(str(results_dir(results)), include_smoke)
+    folder = existing_results_dir(results)
+    if kind == "curves":
+        from milbench.curves import curves_figure
+        from milbench.records import iter_records
+
+        recs = [r for r in iter_records(str(folder))
+                if (not methods or r.get("method") in methods.split(","))
+                and (not datasets or r.get("dataset") in datasets.split(","))
+                and (not presets or r.get("preset") in presets.split(","))]
+        out = output or "learning_curves.png"
+        if not str(out).lower().endswith((".png", ".svg", ".pdf")):
+            raise MilbenchError(f"bad --output {out!r}: extension must be .png, .svg or .pdf")
+        click.echo(f"wrote {save(curves_figure(recs, title=title), out)}")
+        return
+    df = load_frame(str(folder), include_smoke)
+    if df.empty:
+        hint = smoke_hint(df)
+        raise MilbenchError(f"no records to plot in {folder}" + (f"; {hint}" if hint else ""))
     for col, sel in (("method", methods), ("dataset", datasets), ("preset", presets)):
         if sel and not df.empty:
             wanted = [s.strip() for s in sel.split(",") if s.strip()]

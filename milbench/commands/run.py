@@ -31,6 +31,24 @@ def summary_line(rec: dict) -> str:
     return line
 
 
+def where_lines(rec: dict, out: "Path", results_option: str | None) -> str:
+    """Where the run left its files (record, log, artifacts) and the command that shows it next
+    to the others — so a new user knows what to open and what to type after their first run."""
+    import shlex
+
+    lines = [f"record:    {out / (rec['run_id'] + '.json')}"]
+    if rec.get("log"):
+        lines.append(f"log:       {out / rec['log']}")
+    artifacts = rec.get("artifacts")
+    if isinstance(artifacts, dict) and artifacts:
+        lines.append(f"artifacts: {out / 'artifacts' / rec['run_id']} ({', '.join(sorted(artifacts))})")
+    flags = f" --results {shlex.quote(str(results_option))}" if results_option else ""
+    if rec.get("smoke"):
+        flags += " --include-smoke"  # report hides smoke runs by default
+    lines.append(f"next:      milbench report{flags}")
+    return "\n".join(lines)
+
+
 def check_data_root(data_root: str | None) -> None:
     """An explicit ``--data-root`` must exist (a typo must not silently fall back to the sample)."""
     from pathlib import Path
@@ -49,7 +67,7 @@ def common_run_options(f):
     f = click.option("--max-memory", default=None, help="memory limit per run, e.g. 2GB (CPU: RSS watchdog; GPU: allocator fraction); crossing it is status oom")(f)
     f = click.option("--smoke", is_flag=True, help="tiny configuration that runs in seconds; the record is marked smoke")(f)
     f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key (repeatable)")(f)
-    f = click.option("--preset", "-p", default=None, help="named preset, e.g. paper [default]")(f)
+    f = click.option("--preset", "-p", default=None, help="named preset: built in (default, paper, ...) or saved by `milbench tune` under RESULTS/presets")(f)
     return f
 
 
@@ -69,10 +87,10 @@ def run(method, dataset, seed, preset, overrides, smoke, max_memory, timeout, de
     if timeout is not None and timeout <= 0:
         raise MilbenchError(f"bad --timeout {timeout}: must be > 0 seconds")
     registry = get_registry()
-    plan = plan_run(registry, method, dataset, preset, overrides, seed, smoke)
+    out = results_dir(results)
+    plan = plan_run(registry, method, dataset, preset, overrides, seed, smoke, results=out)
     device = check_device(device)
     limit = parse_bytes(max_memory)
-    out = results_dir(results)
     ensure_writable(out)
     check_data_root(data_root)
     click.echo(f"milbench: {plan.method} on {plan.dataset}, preset {plan.preset}, seed {seed}"
@@ -82,6 +100,8 @@ def run(method, dataset, seed, preset, overrides, smoke, max_memory, timeout, de
         # bad data or config found inside the run: one line, like any bad input (the record is kept)
         raise MilbenchError(rec["error"])
     click.echo(summary_line(rec))
-    click.echo(f"record: {out / (rec['run_id'] + '.json')}")
+    for warning in rec.get("warnings") or []:
+        click.echo(f"  warning: {warning}")
+    click.echo(where_lines(rec, out, results))
     if rec["status"] != "ok":
         raise SystemExit(1)

@@ -21,7 +21,7 @@ ATTENTION_MIL_PARAMS: dict[str, Param] = {
                      choices=("auto",) + ENCODERS),
     "feat_dim": Param(None, int, "encoder feature size (none: the encoder's default)", low=1, nullable=True),
     "attn_dim": Param(128, int, "hidden size of the gated attention", low=1),
-    "norm": Param("auto", str, "encoder norm layers ('auto': none for lenet as Ilse et al., group for cnn, "
+    "norm": Param("auto", str, "encoder norm layers ('auto': none for lenet as Ilse et al. and for cnn, "
                   "frozen for resnet18; batch cannot be chunked exactly)", choices=("auto",) + NORMS),
     "dropout": Param(0.0, float, "dropout on the attention hidden layer", low=0, high=1, high_open=True),
 }
@@ -31,7 +31,10 @@ ATTENTION_MIL_PARAMS: dict[str, Param] = {
 PAPER_MODEL: dict[str, Any] = {"encoder": "resnet18", "feat_dim": 2048, "attn_dim": 524, "norm": "frozen"}
 
 _FEAT_DEFAULT = {"lenet": 500, "cnn": 128, "resnet18": 2048}
-_NORM_DEFAULT = {"lenet": "none", "cnn": "group", "resnet18": "frozen"}
+# cnn: no norm. GroupNorm + global average pooling made every image's feature vector nearly the
+# same at init (per-instance normalisation removes what differs between images), and attention
+# MIL then learned nothing on Imagenette in 10 epochs; He init without a norm learns (encoders.py).
+_NORM_DEFAULT = {"lenet": "none", "cnn": "none", "resnet18": "frozen"}
 
 
 def encoder_name(config: Mapping[str, Any], spec: DataSpec) -> str:
@@ -40,6 +43,32 @@ def encoder_name(config: Mapping[str, Any], spec: DataSpec) -> str:
     if name == "auto":
         return "lenet" if spec.channels == 1 else "cnn"
     return name
+
+
+def check_geometry(config: Mapping[str, Any], method: str) -> None:
+    """Refuse, in the parent and before any child starts, an ``instance_size`` the
+    encoder cannot take (LeNet's and the small CNN's conv/pool stacks shrink an
+    instance under 16 px to nothing and torch would fail mid-run).
+
+    ``check`` has no DataSpec, so ``encoder='auto'`` (LeNet for one channel, the
+    CNN for three) must fit either; the minimum comes from the layers
+    (:func:`milbench.models.encoders.min_instance_size`), not a constant.
+    """
+    size = config.get("instance_size")
+    if size is None:  # a third-party dataset without the shared key: build() still checks
+        return
+    from milbench.errors import ConfigError
+    from milbench.models.encoders import min_instance_size
+
+    names = ("lenet", "cnn") if config["encoder"] == "auto" else (config["encoder"],)
+    need, name = max((min_instance_size(n), n) for n in names)
+    if int(size) < need:
+        which = ("encoder=auto (lenet for one channel, cnn for three)" if config["encoder"] == "auto"
+                 else f"encoder '{name}'")
+        raise ConfigError(f"bad value for 'instance_size': {method} with {which} needs instances of at least "
+                          f"{need} px (its conv and pool layers shrink a smaller one to nothing), got {size}; "
+                          f"raise instance_size" + "".join(f" or use --set encoder={n}" for n in ENCODERS
+                                                           if min_instance_size(n) <= int(size)))
 
 
 def build_attention_mil(spec: DataSpec, config: Mapping[str, Any]):

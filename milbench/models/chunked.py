@@ -46,19 +46,23 @@ def chunk_slices(n: int, chunk_size: int) -> list[slice]:
     return [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
 
 
-def encode_chunks(encoder: nn.Module, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Encode ``x`` (N, ...) chunk by chunk without autograd and return H (N, D).
+def encode_chunks(encoder: nn.Module, x: torch.Tensor, chunk_size: int, stop: int | None = None) -> torch.Tensor:
+    """Encode ``x[:stop]`` (N, ...) chunk by chunk without autograd and return H (N, D).
 
     Only H outlives a chunk, so memory is one chunk's forward plus N × D
     (each chunk is written into a preallocated H, not concatenated at the
-    end, which would hold H twice).
+    end, which would hold H twice). ``x`` is only ever indexed one chunk at a
+    time, so it may be a lazy stand-in (:class:`milbench.api.LazyInstances`)
+    that reads the chunk from disk; ``stop`` limits the pass without slicing
+    ``x`` as a whole.
     """
-    slices = chunk_slices(int(x.shape[0]), chunk_size)
+    n = int(x.shape[0]) if stop is None else int(stop)
+    slices = chunk_slices(n, chunk_size)
     if not slices:
         raise ValueError("cannot encode an empty bag")
     with torch.no_grad():
         first = encoder(x[slices[0]])
-        h = first.new_empty((int(x.shape[0]), *first.shape[1:]))
+        h = first.new_empty((n, *first.shape[1:]))
         h[slices[0]] = first
         del first
         for s in slices[1:]:
@@ -121,7 +125,7 @@ def chunked_backward(
     # All chunks but the last without autograd; the last one keeps its graph,
     # so the head's backward goes straight through it and it needs no
     # recomputation (a bag of at most one chunk costs exactly what abmil does).
-    rest = encode_chunks(encoder, x[: slices[-1].start], chunk_size) if len(slices) > 1 else None
+    rest = encode_chunks(encoder, x, chunk_size, stop=slices[-1].start) if len(slices) > 1 else None
     last = encoder(x[slices[-1]])
     if rest is not None:
         rest.requires_grad_(True)

@@ -153,9 +153,11 @@ class StreamingCLAMModel(nn.Module):
     gets no gradient (and costs no backward).
     """
 
-    def __init__(self, trunk: nn.Module, head: CLAMHead, tile_size: int):
+    def __init__(self, trunk: nn.Module, head: CLAMHead, tile_size: int | list[int], tile_shape: str = "square",
+                 split: list[int] | tuple[int, ...] = (), bytes_per_pixel: list[float] | None = None,
+                 budget_bytes: float | None = None):
         super().__init__()
-        self.stream = StreamingTrunk(trunk, tile_size)
+        self.stream = StreamingTrunk(trunk, tile_size, tile_shape, split, bytes_per_pixel, budget_bytes)
         self.head = head
         self.trunk_frozen = False
 

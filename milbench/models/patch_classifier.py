@@ -44,6 +44,39 @@ def build_backbone(name: str, in_chans: int, num_classes: int) -> nn.Module:
                           f"{' '.join(str(e).split())}") from None
 
 
+_INPUT_OK: dict[tuple[str, int, int], tuple[str, str] | None] = {}
+
+
+def check_backbone_input(name: str, size: int, min_batch: int = 2) -> None:
+    """A one-line :class:`ConfigError` when timm backbone ``name`` cannot classify ``size`` px
+    patches, or cannot *train* on a batch of ``min_batch`` of them (batch norm in training mode
+    needs more than one value per channel: one patch whose last feature map is 1×1 crashes).
+
+    Asked of the backbone itself (dummy forwards, cached per name, size and batch), so the
+    parent refuses the config before a child starts instead of each backbone's own minimum
+    being written down somewhere. Channels and class count do not change geometry.
+    """
+    key = (name, int(size), int(min_batch))
+    if key not in _INPUT_OK:
+        net = build_backbone(name, 3, 2)
+        _INPUT_OK[key] = None
+        for mode, batch in (("classify", 2), ("train on", max(1, int(min_batch)))):
+            net.train(mode != "classify")
+            try:
+                with torch.no_grad():
+                    net(torch.zeros(batch, 3, int(size), int(size)))
+            except Exception as e:
+                _INPUT_OK[key] = (mode, " ".join(str(e).split())[:160])
+                break
+    if _INPUT_OK[key] is not None:
+        mode, why = _INPUT_OK[key]
+        if mode == "classify":
+            raise ConfigError(f"backbone {name!r} cannot classify {size} px patches ({why}); "
+                              f"use a larger patch_size / instance_size or another backbone")
+        raise ConfigError(f"backbone {name!r} cannot train on {min_batch} patch(es) of {size} px per bag ({why}): its "
+                          f"batch norm needs more than one value per channel; raise bag_size or the patch size")
+
+
 class PatchClassifier(nn.Module):
     """A backbone plus the patch geometry and running class counts.
 

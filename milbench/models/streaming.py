@@ -37,6 +37,21 @@ and picks the one that recomputes least -- typically strips as wide or as
 tall as the image, which overlap on two sides instead of four (ResNet-34 at
 2048 px with ``T`` = 1920: 1.45x the image's pixels instead of 2.1x).
 
+All tiles of a plan share one shape where the image allows it: the last tile
+of a row or column is shifted inward to end on the border (it recomputes a
+few outputs its neighbour owns; nothing is padded), because each new tile
+shape makes the backend set its kernels up again, which made the first epoch
+of a streamed run several times slower than the next.
+
+``split`` cuts a Sequential trunk into stages streamed one after the other,
+with the (small, strided) map between them held whole: the early layers hold
+most activations but have a small receptive field, the late layers have the
+large field but little memory per image pixel, so each stage gets tiles many
+of its own receptive fields wide. :func:`auto_stages` chooses the cut and the
+tile sizes for a memory budget from a measured activation cost per pixel
+(``tile_size="auto"`` in streamingclam). A training step also keeps the last
+tile's graph from the forward instead of recomputing it.
+
 Layers whose output depends on the whole feature map (group/layer/instance
 norm, training-mode batch norm, adaptive or global pooling, linear layers) or
 on chance (training-mode dropout) cannot be streamed; the engine refuses them
@@ -46,10 +61,11 @@ with a one-line :class:`~milbench.errors.ConfigError`.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -60,7 +76,8 @@ from milbench.errors import ConfigError
 
 __all__ = [
     "Geometry", "Tile", "StreamingTrunk", "geometry", "plan_tiles", "streamed_forward_backward",
-    "register_pointwise", "describe",
+    "register_pointwise", "describe", "activation_bytes_per_pixel", "auto_tile_size", "DEFAULT_TILE_BUDGET_BYTES",
+    "StagePlan", "auto_stages",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -485,14 +502,16 @@ class Tile:
     local_cols: slice
 
 
-def _plan_axis(n: int, n_out: int, s: int, lo: int, hi: int, tile: int, axis: str) -> list[tuple[int, int, int, int]]:
+def _plan_axis_greedy(n: int, n_out: int, s: int, lo: int, hi: int, tile: int,
+                      axis: str) -> list[tuple[int, int, int, int]]:
     """Cut one axis into (x0, x1, o0, o1): input [x0, x1) gives exact outputs [o0, o1).
 
     Greedy from the start. ``x0`` is a multiple of the stride (tile positions
     line up with whole-image positions); each tile extends far enough past its
     last output for that output's input interval, rounded up to a multiple of
-    the stride (so every tile has the size pattern of the whole image), and is
-    at most ``tile`` pixels long unless it can end on the image border.
+    the stride, and is at most ``tile`` pixels long unless it can end on the
+    image border. Tiles may differ in length (the last one usually does): the
+    fallback of :func:`_plan_axis` where no single length fits.
     """
     if n <= tile:
         return [(0, n, 0, n_out)]
@@ -515,6 +534,65 @@ def _plan_axis(n: int, n_out: int, s: int, lo: int, hi: int, tile: int, axis: st
         parts.append((x0, x1, o0, o1))
         o0 = o1
     return parts
+
+
+def _walk_axis(n: int, n_out: int, s: int, lo: int, hi: int, length: int) -> list[tuple[int, int, int, int]] | None:
+    """Tiles of exactly ``length`` pixels (``length`` = ``n`` mod ``s``), or None
+    where such tiles make no progress.
+
+    Each tile starts at a multiple of the stride, as far on as the outputs not
+    yet covered allow; the last one is shifted inward to end on the image
+    border (its start ``n - length`` is then a multiple of the stride too), so
+    it reads real pixels only and recomputes some outputs its neighbour
+    already owns rather than padding.
+    """
+    parts: list[tuple[int, int, int, int]] = []
+    o0, x0 = 0, 0
+    while True:
+        if x0 + length >= n:  # the last tile: shifted inward to end on the border
+            parts.append((n - length, n, o0, n_out))
+            return parts
+        o1 = min(n_out, (x0 + length - hi - 1) // s + 1)  # outputs whose whole input interval is inside
+        if o1 <= o0:
+            return None
+        parts.append((x0, x0 + length, o0, o1))
+        if o1 >= n_out:
+            return parts
+        o0 = o1
+        x0 = max(0, ((o0 * s + lo) // s) * s)
+
+
+def _plan_axis(n: int, n_out: int, s: int, lo: int, hi: int, tile: int, axis: str) -> list[tuple[int, int, int, int]]:
+    """Cut one axis into (x0, x1, o0, o1): input [x0, x1) gives exact outputs [o0, o1).
+
+    Why one length: every new tile shape makes the backend set its kernels up
+    again (oneDNN primitives on a CPU, cuDNN's autotuner on a GPU), which made
+    the first epoch of a streamed run many times slower than the next. So all
+    tiles of an axis get one length ``L`` <= ``tile``: the longest with
+    ``L`` = ``n`` (mod stride), which lets the last tile start on a multiple
+    of the stride when it is shifted inward to end on the border; then the
+    shortest length that needs no more tiles (less recomputation, same count).
+    Only where no such length makes progress does the greedy plan of mixed
+    lengths (:func:`_plan_axis_greedy`) stand in; it also raises the clear
+    error for a tile too small for the trunk.
+    """
+    if n <= tile:
+        return [(0, n, 0, n_out)]
+    longest = tile - ((tile - n) % s)
+    best = _walk_axis(n, n_out, s, lo, hi, longest) if longest > 0 else None
+    if best is None:
+        return _plan_axis_greedy(n, n_out, s, lo, hi, tile, axis)
+    # the shortest length (in strides below the longest) with as few tiles: binary search, as a
+    # longer tile never needs more tiles
+    good, bad = 0, (longest - 1) // s + 1  # steps: `good` keeps the count, `bad` does not (or stalls)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        parts = _walk_axis(n, n_out, s, lo, hi, longest - mid * s)
+        if parts is not None and len(parts) <= len(best):
+            good, best = mid, parts
+        else:
+            bad = mid
+    return best
 
 
 TILE_SHAPES = ("square", "area")
@@ -576,6 +654,14 @@ def plan_tiles(geo: Geometry, h: int, w: int, tile_size: int, shape: str = "squa
     """
     _check_tiling(tile_size, shape)
     ho, wo = geo.output_size(h, w)
+    return list(_plan_tiles(geo, h, w, ho, wo, int(tile_size), shape))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_tiles(geo: Geometry, h: int, w: int, ho: int, wo: int, tile_size: int, shape: str) -> tuple[Tile, ...]:
+    """:func:`plan_tiles`, cached: every pass over an image of one size asks for the same
+    plan. The output size is part of the key: geometries compare by stride and margins
+    only, and two trunks alike in those may still differ in output size."""
     th, tw = tile_size, tile_size
     if shape == "area" and h * w > tile_size * tile_size:
         th, tw = _area_caps(geo, h, w, tile_size)
@@ -589,12 +675,226 @@ def plan_tiles(geo: Geometry, h: int, w: int, tile_size: int, shape: str = "squa
             ly, lx = oy0 - y0 // geo.stride[0], ox0 - x0 // geo.stride[1]
             tiles.append(Tile(slice(y0, y1), slice(x0, x1), slice(oy0, oy1), slice(ox0, ox1),
                               slice(ly, ly + oy1 - oy0), slice(lx, lx + ox1 - ox0)))
-    return tiles
+    return tuple(tiles)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the tile size from a memory budget
+# --------------------------------------------------------------------------------------------
+
+#: Tile activation budget of ``tile_size="auto"`` when the run states no memory limit: 2 GiB,
+#: what a laptop or a small GPU spares beside the model (ResNet-34: ~1,600-px tiles in float32).
+DEFAULT_TILE_BUDGET_BYTES = 2 * 2**30
+
+#: Counted saved activations times this is a tile's peak: the backward also holds the gradients
+#: of the layer it is in, and the allocator does not pack perfectly. Measured for ResNet-34 at
+#: 2048 px (results/streaming-memory-cpu/): working memory 743 B/px of tile against 642 counted.
+ACTIVATION_HEADROOM = 1.25
+
+
+def _in_channels(trunk: nn.Module) -> int:
+    conv = next((m for m in trunk.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise ConfigError(f"cannot size tiles for {type(trunk).__name__}: it has no Conv2d to read the input "
+                          f"channels from; give tile_size in pixels")
+    return int(conv.in_channels)
+
+
+def _saved_bytes(trunk: nn.Module, side: int, channels: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Bytes of distinct tensors autograd saves for the backward of one (side x side)
+    input: the activation memory a tile of that size holds (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in trunk.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in trunk.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    x = torch.zeros(1, channels, side, side, device=device, dtype=dtype, requires_grad=True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = trunk(x)
+    del out
+    return sum(seen.values())
+
+
+def activation_bytes_per_pixel(trunk: nn.Module, geo: Geometry | None = None) -> float:
+    """Activation memory of the streamed backward per tile pixel, measured on the
+    trunk's own device and dtype.
+
+    Why measured and not derived from the layers: what autograd keeps depends
+    on the layers' implementations (in-place activations share storage, frozen
+    norms save nothing for their constants). The trunk runs once at two small
+    sizes (8 and 16 strides, grown where the trunk needs more), the distinct
+    saved tensors are counted, and the slope between the two is the cost of
+    one more pixel -- the parameters and other constant costs cancel. Times
+    :data:`ACTIVATION_HEADROOM`.
+    """
+    geo = geo or geometry(trunk)
+    p = next(trunk.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype()
+    s = max(geo.stride)
+    a = 8 * s
+    while min(geo._analysis.sizes(a, a)) < 1:
+        a *= 2
+    b = 2 * a
+    channels = _in_channels(trunk)
+    slope = (_saved_bytes(trunk, b, channels, device, dtype) - _saved_bytes(trunk, a, channels, device, dtype)) \
+        / float(b * b - a * a)
+    return max(slope, 1.0) * ACTIVATION_HEADROOM
+
+
+def auto_tile_size(geo: Geometry, bytes_per_pixel: float, budget_bytes: float) -> int:
+    """The largest tile side (a multiple of the stride) whose ``side**2`` pixels of
+    activations fit ``budget_bytes``: what ``tile_size="auto"`` streams with.
+
+    Both tile shapes bound a tile by ``side**2`` pixels, so one side serves
+    both. A budget too small for the trunk's smallest tile is a ConfigError
+    that says how much is needed.
+    """
+    s = max(geo.stride)
+    side = int(math.isqrt(max(int(budget_bytes / bytes_per_pixel), 0)) // s * s)
+    need = geo.min_tile_size
+    if side < need:
+        raise ConfigError(
+            f"tile_size=auto: a tile budget of {budget_bytes / 2**20:.0f} MiB fits {side}-px tiles at "
+            f"{bytes_per_pixel:.0f} bytes per pixel, but this trunk needs tiles of at least {need} px "
+            f"(about {need * need * bytes_per_pixel / 2**20:.0f} MiB); raise --max-memory or give tile_size in pixels")
+    return side
+
+
+def _child_saved_bytes(trunk: nn.Sequential, side: int, channels: int, device: torch.device,
+                       dtype: torch.dtype) -> list[int]:
+    """Like :func:`_saved_bytes`, per child of a Sequential trunk (a storage counts
+    for the child that saved it first)."""
+    params = {p.untyped_storage().data_ptr() for p in trunk.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in trunk.buffers()}
+    seen: dict[int, int] = {}
+    per_child = [0] * len(trunk)
+    current = [0]
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, i=i: current.__setitem__(0, i)) for i, m in enumerate(trunk)]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.data_ptr() not in seen:
+            seen[st.data_ptr()] = st.nbytes()
+            per_child[current[0]] += st.nbytes()
+        return t
+
+    try:
+        x = torch.zeros(1, channels, side, side, device=device, dtype=dtype, requires_grad=True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = trunk(x)
+        del out
+    finally:
+        for h in hooks:
+            h.remove()
+    return per_child
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How ``tile_size="auto"`` streams a trunk: cuts before these children, one
+    tile side per stage (in pixels of the stage's input), each stage's activation
+    cost per pixel of its input, and the budget they were sized for."""
+
+    split: tuple[int, ...]
+    tile_sizes: tuple[int, ...]
+    bytes_per_pixel: tuple[float, ...]
+    budget_bytes: float
+
+
+def auto_stages(trunk: nn.Module, budget_bytes: float, max_stages: int = 2) -> StagePlan:
+    """Cut a Sequential trunk into at most ``max_stages`` stages and size each
+    stage's tile to ``budget_bytes`` (see :class:`StreamingTrunk` for why).
+
+    The trunk runs once at two small sizes with each child's saved activations
+    counted (as :func:`activation_bytes_per_pixel`, per child); a stage's cost
+    per pixel of its input is the sum over its children, scaled by the stride
+    in front of it, plus its input tile. Among the cuts whose every stage fits
+    the budget, the one whose narrowest stage is the most receptive fields
+    wide wins (recomputation falls with that ratio); ties go to fewer stages.
+    A trunk that is not an ``nn.Sequential`` streams as one stage.
+    """
+    geo = geometry(trunk)
+    if not isinstance(trunk, nn.Sequential) or len(trunk) < 2 or max_stages < 2:
+        bpp = activation_bytes_per_pixel(trunk, geo)
+        return StagePlan((), (auto_tile_size(geo, bpp, budget_bytes),), (bpp,), budget_bytes)
+    p = next(trunk.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype()
+    s = max(geo.stride)
+    a = 8 * s
+    while min(geo._analysis.sizes(a, a)) < 1:
+        a *= 2
+    b = 2 * a
+    channels = _in_channels(trunk)
+    lo_, hi_ = (_child_saved_bytes(trunk, n, channels, device, dtype) for n in (a, b))
+    child = [max(h - l, 0) / float(b * b - a * a) for l, h in zip(lo_, hi_)]  # bytes per image pixel
+    elem = torch.tensor([], dtype=dtype).element_size()
+    best: tuple[tuple[float, int], StagePlan] | None = None
+    n = len(trunk)
+    for k in [None, *range(1, n)]:
+        cuts = () if k is None else (k,)
+        bounds = [0, *cuts, n]
+        try:
+            tiles, costs, score = [], [], math.inf
+            for i in range(len(bounds) - 1):
+                mod = trunk[bounds[i]:bounds[i + 1]]
+                g = geometry(mod)
+                if not any(isinstance(m, nn.Conv2d) for m in mod.modules()):
+                    raise ConfigError("a stage without a convolution")
+                front = geometry(trunk[:bounds[i]]).stride if bounds[i] else (1, 1)
+                c_in = _in_channels(mod)
+                cost = sum(child[bounds[i]:bounds[i + 1]]) * front[0] * front[1] + (c_in * elem if bounds[i] else 0)
+                cost = max(cost, 1.0) * ACTIVATION_HEADROOM
+                t = auto_tile_size(g, cost, budget_bytes)
+                tiles.append(t)
+                costs.append(round(cost, 1))
+                score = min(score, t / max(g.receptive_field))
+        except ConfigError:
+            continue
+        key = (score, -len(cuts))
+        if best is None or key > best[0]:
+            best = (key, StagePlan(cuts, tuple(tiles), tuple(costs), budget_bytes))
+    if best is None:  # no cut fits: the single-stage sizing raises the clear error
+        bpp = activation_bytes_per_pixel(trunk, geo)
+        return StagePlan((), (auto_tile_size(geo, bpp, budget_bytes),), (bpp,), budget_bytes)
+    return best[1]
 
 
 # --------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stage:
+    """One streamed segment of a trunk (the whole trunk unless it is split):
+    its layers, their geometry, and the tile that streams them."""
+
+    module: nn.Module
+    geometry: Geometry
+    tile_size: int
+    tile_shape: str
+
+    def tiles(self, h: int, w: int) -> list[Tile]:
+        return plan_tiles(self.geometry, h, w, self.tile_size, self.tile_shape)
+
+
+@dataclass
+class _Kept:
+    """The last tile of the last stage, computed with autograd during a training
+    forward and back-propagated first: one tile recomputation saved, at no extra
+    peak (the backward holds one tile's graph anyway)."""
+
+    index: int
+    tile: Tile
+    x: torch.Tensor
+    y: torch.Tensor
 
 
 class StreamingTrunk(nn.Module):
@@ -609,20 +909,64 @@ class StreamingTrunk(nn.Module):
     ``tile_shape="area"`` keeps the memory bound (``tile_size**2`` pixels per
     tile) but lets tiles be rectangles, e.g. full-width strips, which overlap
     less and so recompute less (see :func:`plan_tiles`).
+
+    ``split`` cuts an ``nn.Sequential`` trunk before the given children into
+    stages streamed one after the other, each with its own tile size (then
+    ``tile_size`` is one side per stage, in pixels of that stage's input).
+    Why: a deep trunk keeps most of its activations in the early,
+    high-resolution layers, whose receptive field is small, while the late
+    layers that make the receptive field large cost little memory per image
+    pixel. Streamed as one, every tile pays the whole receptive field in
+    overlap at the early layers' memory price; streamed in stages, the early
+    stage overlaps by its own small field and the late stage takes tiles
+    many times larger (often the whole map). The feature map between stages
+    (and its gradient) is held whole -- small, being strided -- so the
+    result stays exact: each stage is exact, and the chain rule composes
+    them. :func:`auto_stages` chooses the cut and the tiles for a budget.
     """
 
-    def __init__(self, trunk: nn.Module, tile_size: int, tile_shape: str = "square"):
+    def __init__(self, trunk: nn.Module, tile_size: int | Sequence[int], tile_shape: str = "square",
+                 split: Sequence[int] = (), bytes_per_pixel: Sequence[float] | None = None,
+                 budget_bytes: float | None = None):
         super().__init__()
-        _check_tiling(tile_size, tile_shape)
+        sizes = [int(t) for t in tile_size] if isinstance(tile_size, (list, tuple)) else [int(tile_size)]
+        cuts = sorted({int(k) for k in split})
+        if cuts and not isinstance(trunk, nn.Sequential):
+            raise ConfigError(f"cannot split {type(trunk).__name__} into stages: only an nn.Sequential trunk splits")
+        if cuts and not all(0 < k < len(trunk) for k in cuts):  # type: ignore[arg-type]
+            raise ConfigError(f"bad split {list(split)}: cuts must lie between the trunk's {len(trunk)} children")  # type: ignore[arg-type]
+        if len(sizes) == 1:
+            sizes = sizes * (len(cuts) + 1)
+        if len(sizes) != len(cuts) + 1:
+            raise ConfigError(f"{len(cuts) + 1} stages need {len(cuts) + 1} tile sizes, got {len(sizes)}")
+        for t in sizes:
+            _check_tiling(t, tile_shape)
         self.trunk = trunk
-        self.tile_size = int(tile_size)
+        self.tile_sizes = sizes
+        self.tile_size = sizes[0]
         self.tile_shape = tile_shape
+        self.split = cuts
         self.geometry = geometry(trunk)
+        bounds = [0, *cuts, len(trunk) if cuts else 0]  # type: ignore[arg-type]
+        mods = [trunk[bounds[i]:bounds[i + 1]] for i in range(len(cuts) + 1)] if cuts else [trunk]  # type: ignore[index]
+        # a plain list: the stages share the trunk's modules and must not register them twice
+        self._stages = [_Stage(m, self.geometry if m is trunk else geometry(m), t, tile_shape)
+                        for m, t in zip(mods, sizes)]
+        if bytes_per_pixel is not None and len(bytes_per_pixel) != len(self._stages):
+            raise ConfigError(f"{len(self._stages)} stages need {len(self._stages)} costs per pixel, "
+                              f"got {len(bytes_per_pixel)}")
+        self.bytes_per_pixel = list(bytes_per_pixel) if bytes_per_pixel is not None else None
+        self.budget_bytes = budget_bytes
+        self._saved: tuple[Any, list[torch.Tensor], list[_Kept | None]] | None = None
         self.check_modes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain, non-streamed pass (autograd as usual)."""
         return self.trunk(x)
+
+    @property
+    def stages(self) -> list[_Stage]:
+        return list(self._stages)
 
     def check_modes(self) -> None:
         """Refuse a trunk whose norms/dropout are in a batch- or chance-dependent mode now."""
@@ -638,8 +982,8 @@ class StreamingTrunk(nn.Module):
                                   f"tile and pass; set p=0 or call eval() on the trunk")
 
     def tiles(self, h: int, w: int) -> list[Tile]:
-        """The tile plan for an (h, w) image with this trunk and tile size."""
-        return plan_tiles(self.geometry, h, w, self.tile_size, self.tile_shape)
+        """The tile plan for an (h, w) image (of the first stage when the trunk is split)."""
+        return self._stages[0].tiles(h, w)
 
     @staticmethod
     def _batched(image: torch.Tensor) -> torch.Tensor:
@@ -655,10 +999,10 @@ class StreamingTrunk(nn.Module):
         p = next(self.trunk.parameters(), None)
         return p.device if p is not None else x.device
 
-    def _iter(self, x: torch.Tensor) -> Iterator[tuple[Tile, torch.Tensor]]:
+    def _iter(self, st: _Stage, x: torch.Tensor) -> Iterator[tuple[int, Tile, torch.Tensor]]:
         dev = self._device(x)
-        for t in self.tiles(x.shape[-2], x.shape[-1]):
-            yield t, x[..., t.rows, t.cols].to(dev, non_blocking=True)
+        for i, t in enumerate(st.tiles(x.shape[-2], x.shape[-1])):
+            yield i, t, x[..., t.rows, t.cols].to(dev, non_blocking=True)
 
     @staticmethod
     def _local(t: Tile, out: torch.Tensor) -> torch.Tensor:
@@ -667,29 +1011,114 @@ class StreamingTrunk(nn.Module):
                                f"{t.local_rows}, {t.local_cols} its geometry promises (a bug, please report it)")
         return out[..., t.local_rows, t.local_cols]
 
-    def forward_streamed(self, image: torch.Tensor) -> torch.Tensor:
+    def _stage_forward(self, st: _Stage, x: torch.Tensor, keep: bool, input_grad: bool) -> tuple[torch.Tensor, _Kept | None]:
+        """One stage's output map, tile by tile; with ``keep`` the last tile keeps its graph."""
+        ho, wo = st.geometry.output_size(x.shape[-2], x.shape[-1])
+        n = len(st.tiles(x.shape[-2], x.shape[-1]))
+        out: torch.Tensor | None = None
+        kept = None
+        for i, t, xt in self._iter(st, x):
+            if keep and i == n - 1:
+                with torch.enable_grad():
+                    xt = xt.detach().requires_grad_(input_grad)
+                    y = self._local(t, st.module(xt))
+                kept = _Kept(i, t, xt, y)
+                y = y.detach()
+            else:
+                with torch.no_grad():
+                    y = self._local(t, st.module(xt))
+            if out is None:
+                out = y.new_empty((y.shape[0], y.shape[1], ho, wo))
+            out[..., t.out_rows, t.out_cols] = y
+        assert out is not None
+        return out, kept
+
+    def _stage_backward(self, st: _Stage, x: torch.Tensor, g: torch.Tensor, input_grad: bool,
+                        kept: _Kept | None) -> torch.Tensor | None:
+        """Back-propagate ``g`` (dL/d stage output) through one stage; dL/d stage input if asked."""
+        grad_in = torch.zeros_like(x) if input_grad else None
+
+        def back(t: Tile, xt: torch.Tensor, y: torch.Tensor) -> None:
+            torch.autograd.backward(y, g[..., t.out_rows, t.out_cols].to(y.device, y.dtype))
+            if grad_in is not None:
+                assert xt.grad is not None
+                grad_in[..., t.rows, t.cols] += xt.grad.to(grad_in.device)
+
+        if kept is not None and input_grad and not kept.x.requires_grad:
+            kept = None  # kept without an input gradient: recompute that tile like the others
+        with torch.enable_grad():
+            if kept is not None:
+                back(kept.tile, kept.x, kept.y)
+            for i, t, xt in self._iter(st, x):
+                if kept is not None and i == kept.index:
+                    continue
+                if input_grad:
+                    xt = xt.detach().requires_grad_(True)
+                y = self._local(t, st.module(xt))
+                back(t, xt, y)
+                del y
+        return grad_in
+
+    def forward_streamed(self, image: torch.Tensor, keep_for_backward: bool = False) -> torch.Tensor:
         """The trunk's feature map of ``image`` computed tile by tile, without
         autograd; equal to ``trunk(image)`` to float rounding. A (C, H, W)
         image gives (C', H', W'), a batch (N, C, H, W) gives (N, C', H', W').
         The image may live on the CPU while the trunk is on a GPU: each tile is
-        moved there, and the feature map is returned on the trunk's device."""
+        moved there, and the feature map is returned on the trunk's device.
+
+        ``keep_for_backward`` (a training step, followed by
+        :meth:`backward_streamed` of the same image): the maps between stages
+        and the last tile's graph are kept so the backward need not compute
+        them again; :meth:`release` drops them if no backward follows.
+        """
         self.check_modes()
+        self._saved = None
         x = self._batched(image)
-        ho, wo = self.geometry.output_size(x.shape[-2], x.shape[-1])
-        out: torch.Tensor | None = None
-        with torch.no_grad():
-            for t, xt in self._iter(x):
-                y = self._local(t, self.trunk(xt))
-                if out is None:
-                    out = y.new_empty((y.shape[0], y.shape[1], ho, wo))
-                out[..., t.out_rows, t.out_cols] = y
-        assert out is not None
+        maps = [x]
+        keep = self._keep_plan(x.shape[-2], x.shape[-1]) if keep_for_backward else [False] * len(self._stages)
+        kept: list[_Kept | None] = []
+        for i, st in enumerate(self._stages):
+            y, k = self._stage_forward(st, maps[-1], keep[i], input_grad=i > 0)
+            kept.append(k)
+            maps.append(y)
+        if keep_for_backward:
+            self._saved = (image, maps[:-1], kept)
+        out = maps[-1]
         return out[0] if image.dim() == 3 else out
+
+    def _keep_plan(self, h: int, w: int) -> list[bool]:
+        """Which stages keep their last tile's graph from a training forward.
+
+        The last stage always does (the backward would hold that graph anyway).
+        With the stages' costs per pixel and the budget known, earlier stages
+        do too while every kept graph, plus one tile of the later stages, fits
+        the budget: an image that fits whole then trains at the plain speed.
+        """
+        keep = [False] * len(self._stages)
+        keep[-1] = True
+        if self.bytes_per_pixel is None or self.budget_bytes is None:
+            return keep
+        sizes, size = [], (h, w)
+        for st in self._stages:
+            sizes.append(size)
+            size = st.geometry.output_size(*size)
+        used = 0.0
+        for i in range(len(self._stages) - 1, -1, -1):
+            t = self._stages[i].tiles(*sizes[i])[-1]
+            used += (t.rows.stop - t.rows.start) * (t.cols.stop - t.cols.start) * self.bytes_per_pixel[i]
+            if used > self.budget_bytes:
+                break
+            keep[i] = True
+        return keep
+
+    def release(self) -> None:
+        """Drop what a ``keep_for_backward`` forward kept (no backward followed)."""
+        self._saved = None
 
     def backward_streamed(self, image: torch.Tensor, grad_features: torch.Tensor,
                           input_grad: bool = False) -> torch.Tensor | None:
         """Back-propagate ``grad_features`` (dL/dF for the streamed feature map)
-        through the trunk one tile at a time.
+        through the trunk one tile at a time (stage by stage, last first).
 
         Adds the parameter gradients to ``.grad`` of every trunk parameter that
         requires grad (exactly what ``trunk(image).backward(grad_features)``
@@ -698,6 +1127,7 @@ class StreamingTrunk(nn.Module):
         nothing (a frozen trunk costs no backward).
         """
         self.check_modes()
+        saved, self._saved = self._saved, None
         x = self._batched(image).detach()
         g = self._batched(grad_features) if image.dim() == 4 else grad_features.unsqueeze(0)
         ho, wo = self.geometry.output_size(x.shape[-2], x.shape[-1])
@@ -707,20 +1137,22 @@ class StreamingTrunk(nn.Module):
         trainable = any(p.requires_grad for p in self.trunk.parameters())
         if not trainable and not input_grad:
             return None
-        grad_in = torch.zeros_like(x) if input_grad else None
-        with torch.enable_grad():
-            for t, xt in self._iter(x):
-                if input_grad:
-                    xt = xt.detach().requires_grad_(True)
-                y = self._local(t, self.trunk(xt))
-                torch.autograd.backward(y, g[..., t.out_rows, t.out_cols].to(y.device, y.dtype))
-                if grad_in is not None:
-                    assert xt.grad is not None
-                    grad_in[..., t.rows, t.cols] += xt.grad.to(grad_in.device)
-                del y
-        if grad_in is None:
+        if saved is not None and saved[0] is image:
+            maps, kept = [x, *saved[1][1:]], saved[2]
+        else:  # no kept forward of this image: the maps between stages are computed again
+            maps, kept = [x], [None] * len(self._stages)
+            for st in self._stages[:-1]:
+                maps.append(self._stage_forward(st, maps[-1], False, False)[0])
+        last = len(self._stages) - 1
+        grad: torch.Tensor | None = g
+        for i in range(last, -1, -1):
+            assert grad is not None
+            grad = self._stage_backward(self._stages[i], maps[i], grad, input_grad or i > 0, kept[i])
+            kept[i] = None
+            maps[i] = None  # type: ignore[call-overload]  # free the map as soon as its stage is done
+        if grad is None:
             return None
-        return grad_in[0] if image.dim() == 3 else grad_in
+        return grad[0] if image.dim() == 3 else grad
 
 
 def streamed_forward_backward(stream: StreamingTrunk, image: torch.Tensor,
@@ -728,20 +1160,26 @@ def streamed_forward_backward(stream: StreamingTrunk, image: torch.Tensor,
                               train_trunk: bool = True) -> torch.Tensor:
     """One streamed training step for a trunk followed by a head.
 
-    Streams the forward pass, makes the feature map a leaf that requires grad,
-    calls ``head_fn(features)`` for a scalar loss and back-propagates it (head
+    Streams the forward pass (keeping, when the trunk trains, what the
+    backward would otherwise recompute: the maps between stages and the last
+    tile's graph), makes the feature map a leaf that requires grad, calls
+    ``head_fn(features)`` for a scalar loss and back-propagates it (head
     gradients land in ``.grad``), then streams dL/dF back through the trunk
     (skipped when ``train_trunk`` is false, e.g. while the trunk is frozen).
     Returns the detached loss.
     """
-    feats = stream.forward_streamed(image).detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = head_fn(feats)
-        if loss.dim() != 0:
-            raise ValueError(f"head_fn must return a scalar loss, got shape {tuple(loss.shape)}")
-        loss.backward()
-    if train_trunk and feats.grad is not None:
-        stream.backward_streamed(image, feats.grad)
+    trains = train_trunk and any(p.requires_grad for p in stream.trunk.parameters())
+    try:
+        feats = stream.forward_streamed(image, keep_for_backward=trains).detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = head_fn(feats)
+            if loss.dim() != 0:
+                raise ValueError(f"head_fn must return a scalar loss, got shape {tuple(loss.shape)}")
+            loss.backward()
+        if trains and feats.grad is not None:
+            stream.backward_streamed(image, feats.grad)
+    finally:
+        stream.release()
     return loss.detach()
 
 
@@ -751,7 +1189,8 @@ def describe(geo: Geometry, h: int, w: int, tile_size: int, shape: str = "square
     tiles = plan_tiles(geo, h, w, tile_size, shape)
     sizes = [(t.rows.stop - t.rows.start, t.cols.stop - t.cols.start) for t in tiles]
     largest = max(sizes, key=lambda rc: rc[0] * rc[1])  # by pixel count: what bounds a tile's memory
-    return {"tiles": len(tiles), "tile_shape": shape, "largest_tile": list(largest), "stride": list(geo.stride),
+    return {"tiles": len(tiles), "tile_shape": shape, "largest_tile": list(largest),
+            "distinct_tile_shapes": len(set(sizes)), "stride": list(geo.stride),
             "receptive_field": list(geo.receptive_field), "min_tile_size": geo.min_tile_size,
             "overlap_factor": round(sum(r * c for r, c in sizes) / float(h * w), 4)}
 

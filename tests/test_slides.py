@@ -1,0 +1,266 @@
+"""The ``slides`` dataset on real pyramidal files written by its generator.
+
+Slides are generated once per module into a pytest tmp dir (small: 768 x 512
+at level 0, three levels, SVS + generic TIFF + PNG), from the MNIST digits
+shipped with milbench, so nothing here needs ../shared/data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+openslide = pytest.importorskip("openslide", reason="openslide-python / openslide-bin not installed")
+
+from milbench.api import LazyBag, LazyImage, LazyInstances, RunContext  # noqa: E402
+from milbench.errors import DataError  # noqa: E402
+from milbench_plugins.slides import Slides  # noqa: E402
+from milbench_plugins.slides.generator import generate  # noqa: E402
+from milbench_plugins.slides.reader import open_slide  # noqa: E402
+from milbench_plugins.slides.tiling import TilingKeys, tile_slide  # noqa: E402
+
+from conftest import records_in, run_cli  # noqa: E402
+
+SIZE = (768, 512)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("slides")
+    return generate(out, n=10, size=SIZE, formats=("svs", "tiff", "png"), levels=3, mpp=0.5, digit_px=32, seed=1)
+
+
+def cfg(manifest: Path, cache: Path, **kw) -> dict:
+    return {"manifest": str(manifest), "instance_size": 32, "tile_cache": str(cache), **kw}
+
+
+def test_generated_files_are_real_pyramids(slides):
+    svs, tif, png = (open_slide(slides.parent / f"slide-00{i}.{ext}", f"s{i}") for i, ext in
+                     ((0, "svs"), (2, "tiff"), (4, "png")))
+    assert (svs.backend, svs.format, tif.backend, tif.format) == ("openslide", "aperio", "openslide", "generic-tiff")
+    for r in (svs, tif):
+        assert r.level_count == 3 and r.level_downsamples == [1.0, 2.0, 4.0]
+        assert r.dimensions == SIZE and abs(r.mpp - 0.5) < 1e-6
+    assert png.backend == "pil" and png.level_count == 1 and png.mpp is None
+    # a level-1 read shows the same picture as level 0 halved (JPEG: approximately)
+    a = svs.read(0, 256, 128, 128, 128).astype(float)
+    b = svs.read(1, 256, 128, 64, 64).astype(float)
+    assert np.abs(a.reshape(64, 2, 64, 2, 3).mean((1, 3)) - b).mean() < 8
+
+
+def test_tiling_finds_tissue_and_caches(slides, tmp_path):
+    r = open_slide(slides.parent / "slide-000.svs", "slide-000")
+    keys = TilingKeys(32, None, 0, 0.25, 0.05, 2048)
+    first = tile_slide(r, keys, tmp_path)
+    second = tile_slide(r, keys, tmp_path)
+    assert not first.from_cache and second.from_cache
+    assert np.array_equal(first.cells, second.cells)
+    n_cells = (SIZE[0] // 32) * (SIZE[1] // 32)
+    assert 0.1 * n_cells < len(first.cells) < 0.9 * n_cells  # blobs of tissue on glass, not everything
+    # tissue tiles are pinker than the glass a dropped tile shows
+    chroma = lambda t: float((t.max(-1) - t.min(-1)).mean())  # noqa: E731
+    kept = np.mean([chroma(r.read(0, int(x), int(y), 32, 32).astype(float)) for x, y in first.xy0()[::10]])
+    assert kept > 25 and chroma(r.read(0, 0, 0, 32, 32).astype(float)) < 12  # the corner is glass
+    at_mpp = tile_slide(r, TilingKeys(32, 1.0, 0, 0.25, 0.05, 2048), tmp_path)  # level 1 (mpp 1.0)
+    assert at_mpp.resolution.level == 1 and at_mpp.resolution.step0 == 64 and not at_mpp.from_cache
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_lazy_views_equal_the_materialised_bag(slides, tmp_path):
+    import torch
+
+    sp = Slides().load(cfg(slides, tmp_path), 0, None)
+    bag = sp.train[0]
+    assert isinstance(bag, LazyBag) and isinstance(bag.lazy_instances, LazyInstances)
+    full = bag.instances
+    assert full.shape == (len(bag), 3, 32, 32)
+    x = bag.lazy_instances
+    assert torch.equal(x[3:7], full[3:7])
+    idx = torch.tensor([5, 1, 5, 0])
+    assert torch.equal(x.index_select(0, idx), full[idx])
+    img = bag.lazy_image
+    assert isinstance(img, LazyImage)
+    whole = bag.image()
+    assert tuple(whole.shape) == (3, bag.grid_shape[0] * 32, bag.grid_shape[1] * 32)
+    assert torch.equal(img.unsqueeze(0)[..., 10:70, 33:99][0], whole[:, 10:70, 33:99])
+    # each instance sits where the grid says in the bag image
+    r, c = bag.grid[2].tolist()
+    assert torch.equal(whole[:, r * 32:(r + 1) * 32, c * 32:(c + 1) * 32], full[2])
+
+
+def test_streaming_over_the_lazy_image_is_exact(slides, tmp_path):
+    import torch
+
+    from milbench.models.clam import build_trunk
+    from milbench.models.streaming import StreamingTrunk
+
+    bag = Slides().load(cfg(slides, tmp_path), 0, None).train[0]
+    torch.manual_seed(0)
+    stream = StreamingTrunk(build_trunk("small", 3, None, False).eval(), tile_size=128)
+    ref = stream.trunk(bag.image().unsqueeze(0))[0]
+    out = stream.forward_streamed(bag.lazy_image)
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def _registry_plan(method: str, manifest: Path, cache: Path, *extra: str):
+    from milbench.plugins import get_registry
+    from milbench.runner import plan_run
+
+    reg = get_registry(warn=False)
+    plan = plan_run(reg, method, "slides", None, [f"manifest={manifest}", f"tile_cache={cache}", "bag_size=20",
+                                                   *extra], 0, smoke=True)
+    return reg.method(method), plan.config
+
+
+@pytest.mark.parametrize("method", ["grad-accum", "sampled", "streamingclam"])
+def test_chunked_methods_never_materialise_the_bag(method, slides, tmp_path, monkeypatch):
+    import torch
+
+    # level 1 and 256-px streaming tiles keep the streamed image small and the test quick
+    extra = ("downsample=2", "tile_size=256") if method == "streamingclam" else ()
+    m, config = _registry_plan(method, slides, tmp_path, *extra)
+    sp = Slides().load(config, 0, None)
+    torch.manual_seed(0)
+    model = m.build(sp.spec, config, RunContext(device=torch.device("cpu"), seed=0))
+
+    def refuse(self):
+        raise AssertionError(f"{method} materialised the whole bag")
+
+    monkeypatch.setattr(LazyBag, "instances", property(refuse))
+    monkeypatch.setattr(LazyBag, "image", refuse)
+    model.train()
+    loss = m.backward(model, sp.train[0], config)
+    assert np.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        pred = m.predict(model, sp.test[0], config)
+    assert 0.0 <= pred.bag_prob <= 1.0 and pred.instance_scores.shape == (len(sp.test[0]),)
+
+
+def test_grad_accum_on_a_lazy_bag_equals_abmil_on_the_tensor(slides, tmp_path):
+    import torch
+
+    m, config = _registry_plan("grad-accum", slides, tmp_path, "chunk_size=6")
+    abmil, _ = _registry_plan("abmil", slides, tmp_path)
+    bag = Slides().load(config, 0, None).train[1]
+    grads = []
+    for meth, b in ((m, bag), (abmil, bag.to("cpu"))):
+        torch.manual_seed(0)
+        model = m.build(Slides().spec(config), config, RunContext(device=torch.device("cpu"), seed=0)).train()
+        meth.backward(model, b, config)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_annotations_label_the_key_region(slides, tmp_path):
+    sp = Slides().load(cfg(slides, tmp_path), 0, None)
+    per = {p["slide_id"]: p for p in sp.info["per_slide"]}
+    for sid, p in per.items():
+        label = int(sid[-1]) % 2
+        assert p["annotation_classes"] == (["Tumor"] if label else ["Stroma"])
+        assert (p["key_tiles"] > 0) == bool(label), sid
+        assert p["key_tiles"] < p["tiles"]
+    bags = [b for split in (sp.train, sp.val, sp.test) for b in split]
+    assert all(b.instance_labels_known for b in bags)
+    # an unannotated manifest gives bags without instance truth: Dice skips them
+    plain = slides.parent / "plain.csv"
+    plain.write_text("slide_id,path,label\n" + "\n".join(
+        line.rsplit(",", 1)[0] for line in slides.read_text().splitlines()[1:]) + "\n")
+    sp2 = Slides().load(cfg(plain, tmp_path), 0, None)
+    assert not sp2.train[0].instance_labels_known and sp2.info["annotated_slides"] == 0
+
+
+def test_splits_are_seeded_stratified_and_by_slide(slides, tmp_path):
+    a = Slides().load(cfg(slides, tmp_path), 3, None).info["slides"]
+    b = Slides().load(cfg(slides, tmp_path), 3, None).info["slides"]
+    c = Slides().load(cfg(slides, tmp_path), 4, None).info["slides"]
+    assert a == b and a != c
+    ids = [s for v in a.values() for s in v]
+    assert len(ids) == len(set(ids)) == 10
+    for split, members in a.items():
+        labels = {int(s[-1]) % 2 for s in members}
+        assert labels == {0, 1}, (split, members)  # each split holds both labels (5 + 5 slides)
+
+
+def _bad(tmp: Path, slides: Path, rows: list[str], header: str = "slide_id,path,label,annotation") -> Path:
+    base = slides.parent
+    p = tmp / "bad.csv"
+    p.write_text(header + "\n" + "\n".join(r.replace("@", str(base) + "/") for r in rows) + "\n")
+    return p
+
+
+GOOD = ["slide-000,@slide-000.svs,0,@slide-000.geojson", "slide-001,@slide-001.svs,1,@slide-001.geojson",
+        "slide-002,@slide-002.tiff,0,", "slide-003,@slide-003.tiff,1,", "slide-004,@slide-004.png,0,",
+        "slide-005,@slide-005.png,1,"]
+
+
+@pytest.mark.parametrize("rows,extra,needle", [
+    (GOOD + ["ghost,@nope.svs,1,"], {}, "slide 'ghost': file"),
+    (GOOD + ["slide-009,@slide-009.png,2,"], {}, "slide 'slide-009' has label '2'"),
+    (GOOD + ["slide-000,@slide-002.tiff,0,"], {}, "duplicate slide id 'slide-000'"),
+    (GOOD + ["junk,@junk.svs,0,"], {}, "slide 'junk'"),
+    (GOOD + ["blank,@blank.png,0,"], {}, "slide 'blank': no tissue found"),
+    (GOOD + ["slide-008,@slide-008.tiff,0,@broken.geojson"], {}, "slide 'slide-008': annotation broken.geojson"),
+    (GOOD, {"mpp": 0.25}, "requested mpp=0.25 would need upsampling"),
+])
+def test_bad_input_is_one_line_naming_the_slide(rows, extra, needle, slides, tmp_path):
+    from PIL import Image
+
+    base = slides.parent
+    (base / "junk.svs").write_text("this is not a slide\n")
+    Image.new("RGB", (256, 256), (240, 240, 240)).save(base / "blank.png")
+    (base / "broken.geojson").write_text('{"type": "FeatureCollection", "features": [')
+    manifest = _bad(tmp_path, slides, rows)
+    with pytest.raises(DataError) as err:
+        Slides().load(cfg(manifest, tmp_path, **extra), 0, None)
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_instance_method_refuses_unannotated_slides(slides, tmp_path):
+    import torch
+
+    plain = _bad(tmp_path, slides, [r.rsplit(",", 1)[0] for r in GOOD] + ["slide-006,@slide-006.svs,0",
+                                                                           "slide-007,@slide-007.svs,1"],
+                 header="slide_id,path,label")
+    m, config = _registry_plan("transcriptome-cnn", plain, tmp_path)
+    sp = Slides().load(config, 0, None)
+    model = m.build(sp.spec, config, RunContext(device=torch.device("cpu"), seed=0))
+    with pytest.raises(DataError, match="has no instance labels"):
+        m.backward(model, sp.train[0], config)
+
+
+def test_cli_run_records_the_manifest_and_bad_input_exits_2(slides, tmp_path):
+    import hashlib
+
+    res = tmp_path / "res"
+    env = {"MILBENCH_RESULTS": str(res)}
+    r = run_cli("run", "-m", "grad-accum", "-d", "slides", "--smoke", "--device", "cpu",
+                "--set", f"manifest={slides}", "--set", f"tile_cache={tmp_path / 'cache'}", "--set", "downsample=2",
+                env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = records_in(res)[0]
+    assert rec["status"] == "ok"
+    assert rec["data"]["source"] == "slides"
+    assert rec["data"]["manifest_sha256"] == hashlib.sha256(slides.read_bytes()).hexdigest()
+    assert rec["metrics"]["bag_auc"] is not None and rec["metrics"]["dice"] is not None
+    bad = _bad(tmp_path, slides, GOOD + ["slide-009,@slide-009.png,7,"])
+    r = run_cli("run", "-m", "abmil", "-d", "slides", "--smoke", "--device", "cpu", "--set", f"manifest={bad}",
+                "--set", f"tile_cache={tmp_path / 'cache'}", env=env)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.strip().splitlines() if " on slides, preset " not in line]  # not the banner
+    assert len(lines) == 1 and "slide-009" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_data_command_reports_the_manifest(slides, tmp_path):
+    r = run_cli("data", "--json", "--set", f"manifest={slides}", "--set", f"tile_cache={tmp_path}",
+                "--set", "instance_size=32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(x for x in json.loads(r.stdout) if x["name"] == "slides")
+    assert row["complete"] and "10 slides" in row["detail"]
+    assert "aperio x4" in row["detail"] and "generic-tiff x4" in row["detail"] and "png x2" in row["detail"]
+    assert "tiles per slide at instance_size=32" in row["detail"]
