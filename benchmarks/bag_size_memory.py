@@ -173,9 +173,9 @@ def cpu_time_per_bag(sizes: list[int], chunk_size: int, reps: int = 3) -> dict[s
     for n in sizes:
         models, cfgs = {}, {}
         for name, method in methods.items():
-            from milbench.config import HARNESS_PARAMS
+            from milbench.protocol import PROTOCOL_PARAMS
 
-            cfg = {k: p.default for k, p in {**HARNESS_PARAMS, **method.params}.items()}
+            cfg = {k: p.default for k, p in {**PROTOCOL_PARAMS, **method.params}.items()}
             cfg.update({k: v for k, v in {**FIXED, **METHOD_SET.get(name, {})}.items() if k in cfg})
             cfg["chunk_size"] = chunk_size
             torch.manual_seed(0)

@@ -34,7 +34,9 @@ def streaming_tables() -> str:
                        ("area", "rectangular tiles of at most tile² pixels (`--tile-shape area`)"),
                        ("auto", "`tile_size=auto` as streamingclam uses it: two stages, tiles sized to a 2 GiB "
                         "budget, one tile shape, last tile kept (`--tile resnet34=auto`; tile and tile count per "
-                        "stage, overlap of the first)")):
+                        "stage, overlap of the first)"),
+                       ("auto-earlier-run", "the same, an earlier run under heavier background load (its 1,024-px "
+                        "pair re-run after every stage could keep its last tile)")):
         rows = [json.loads(Path(f).read_text()) for f in sorted(glob.glob(str(ROOT / f"results/streaming-memory-cpu/{sub}/*.json")))]
         if rows:
             out.append(f"**{title}** (`results/streaming-memory-cpu/{sub}/`)\n\n" + streaming_memory.table(rows))
@@ -114,10 +116,63 @@ def per_dataset_reference() -> str:
     return "\n".join(parts)
 
 
+def _records(folder: str) -> list[dict]:
+    return [json.loads(Path(f).read_text()) for f in sorted(glob.glob(str(ROOT / folder / "*.json")))]
+
+
+def _cpu_s(rec: dict) -> float | None:
+    """Process CPU seconds of the whole child: every ``*_cpu_s`` phase (startup is wall only)."""
+    t = rec.get("timing") or {}
+    parts = [v for k, v in t.items() if k.endswith("_cpu_s") and isinstance(v, (int, float))]
+    return sum(parts) if parts else None
+
+
+def main_job_table() -> str:
+    """The README's first command on the shipped sample, one row per seed (results/main-job)."""
+    recs = [r for r in _records("results/main-job") if not r.get("smoke")]
+    if not recs:
+        return "(no records yet)"
+    lines = ["| seed | status | test AUC | test accuracy | epochs (best) | process CPU s | wall s | torch threads | "
+             "warnings |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(recs, key=lambda r: r["seed"]):
+        m, t = r.get("metrics") or {}, r.get("timing") or {}
+        cpu = _cpu_s(r)
+        lines.append(f"| {r['seed']} | {r['status']} | {_cell([m.get('bag_auc')])} | {_cell([m.get('bag_accuracy')])} | "
+                     f"{t.get('epochs', '—')} ({r.get('best_epoch', '—')}) | {_cell([cpu], 0)} | "
+                     f"{_cell([t.get('wall_s')], 0)} | {(r.get('environment') or {}).get('torch_threads', '—')} | "
+                     f"{'; '.join(r.get('warnings') or []) or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table() -> str:
+    """grad-accum against abmil on the same seeds (same data, same init): test AUC and the difference."""
+    recs = [r for r in _records("results/reference") if r.get("status") == "ok" and not r.get("smoke")
+            and r["method"] in ("abmil", "grad-accum") and r.get("preset") == "default"]
+    out = []
+    for dataset in ("qmnist", "imagenette"):
+        by = {(r["method"], r["seed"]): r["metrics"].get("bag_auc") for r in recs if r["dataset"] == dataset}
+        seeds = sorted({s for (m, s) in by if ("abmil", s) in by and ("grad-accum", s) in by})
+        if not seeds:
+            out.append(f"**{dataset}**: no paired seeds yet\n")
+            continue
+        lines = [f"**{dataset}**", "", "| seed | abmil AUC | grad-accum AUC | difference |", "|---|---|---|---|"]
+        diffs = []
+        for s_ in seeds:
+            a, g = by[("abmil", s_)], by[("grad-accum", s_)]
+            diffs.append(g - a)
+            lines.append(f"| {s_} | {a:.3f} | {g:.3f} | {g - a:+.3f} |")
+        lines.append(f"| mean ± std ({len(seeds)} pairs) | {_cell([by[('abmil', x)] for x in seeds])} | "
+                     f"{_cell([by[('grad-accum', x)] for x in seeds])} | {_cell(diffs)} |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
 def main() -> None:
     template = (ROOT / "benchmarks" / "results_readme.md.in").read_text()
     text = template.format(
         reference=per_dataset_reference(),
+        main_job=main_job_table(),
+        paired=paired_table(),
         mouse_brain=mouse_brain_table(),
         parity=report("results/parity-cpu", "bag_auc", "bag_accuracy", "dice"),
         bag_size=report("results/bag-size-cpu", "train_s_per_bag", "peak_mib"),

@@ -168,7 +168,7 @@ def main(spec_path: str, result_path: str) -> int:
         dataset = registry.dataset(spec["dataset"])
         config = spec["config"]
         ctx = RunContext(device=device, seed=seed, artifact_dir=spec.get("artifact_dir"),
-                         data_root=spec.get("data_root"))
+                         data_root=spec.get("data_root"), max_memory_bytes=spec.get("max_memory_bytes"))
         result["timing"]["startup_s"] = time.perf_counter() - T_START
         with timer.phase("setup"):
             splits = dataset.load(config, seed, spec.get("data_root"))

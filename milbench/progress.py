@@ -17,10 +17,11 @@ from typing import Any
 class RunProgress:
     """Log lines above, one live bar below: bags done/total, loss, bags/s, ETA."""
 
-    def __init__(self, path: Path, epochs: int | None, enabled: bool | None = None):
+    def __init__(self, path: Path, epochs: int | None, enabled: bool | None = None, console: Any = None):
         self.path = path
         self.epochs = epochs
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.console = console
         self._progress: Any = None
         self._task: Any = None
         self._epoch = None
@@ -35,7 +36,7 @@ class RunProgress:
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("bags"),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=True)
+                console=self.console or Console(stderr=True), transient=True)
             self._progress.start()
         return self
 

@@ -47,13 +47,13 @@ PROTOCOL_PARAMS: dict[str, Param] = {
     "schedule": Param("cosine", str, "learning-rate decay after warm-up", choices=("cosine", "constant")),
     "grad_clip": Param(1.0, float, "clip the global gradient norm of each optimizer step (none: no clipping)",
                        low=0, low_open=True, nullable=True),
-    "bags_per_step": Param(1, int, "bags whose gradients are averaged per optimizer step (the paper's 25)", low=1),
+    "bags_per_step": Param(4, int, "bags whose gradients are averaged per optimizer step (the paper's 25)", low=1),
     "augment": Param(True, bool, "apply the dataset's training augmentations (per instance, before a bag image is "
                      "assembled)"),
     "select_on": Param("val_bag_auc", str, "which epoch's weights are evaluated on test: best validation AUC (ties: "
                        "lower validation loss), lowest validation loss, or the last",
                        choices=("val_bag_auc", "val_loss", "last")),
-    "patience": Param(4, int, "early stopping: epochs without a better validation score before stopping (none: "
+    "patience": Param(5, int, "early stopping: epochs without a better validation score before stopping (none: "
                       "never)", low=1, nullable=True),
     "max_train_bags_per_epoch": Param(None, int, "cap on training bags visited per epoch (none: all)", low=1,
                                       nullable=True),

@@ -80,6 +80,7 @@ def fit(
         method.on_epoch_start(model, epoch, config)
         order = rng.permutation(len(splits.train))[:n_epoch]
         losses: list[float] = []
+        loss_sum = 0.0
         norms: list[float] = []
         with timer.phase("train"):
             model.train()
@@ -98,15 +99,17 @@ def fit(
                     if pending > 1:
                         for p in trainable:
                             p.grad.div_(pending)
-                    if config["grad_clip"] is not None and trainable:
-                        norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, config["grad_clip"])))
+                    if trainable:  # the pre-clipping norm is recorded whether or not it is clipped
+                        clip = config["grad_clip"] if config["grad_clip"] is not None else float("inf")
+                        norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, clip)))
                     for group in opt.param_groups:
                         group["lr"] = config["lr"] * lr_factor(step, total_steps, warmup_steps, config["schedule"])
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     pending = 0
                     step += 1
-                on_bag(epoch, k + 1, len(order), float(np.mean(losses)))
+                loss_sum += losses[-1]
+                on_bag(epoch, k + 1, len(order), loss_sum / len(losses))
         train_seconds = time.perf_counter() - t_epoch
         with timer.phase("val"):
             preds = predict_split(method, model, splits.val, config, device)

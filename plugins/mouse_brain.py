@@ -1,7 +1,7 @@
 """The ``mouse-brain`` dataset: a nuclei image of a brain section labelled by gene expression.
 
 Data. By default the pciSeq CA1 section (Qian et al., Nature Methods 2020;
-MIT licence, notice in ``data/mouse-brain-ca1/NOTICE``): 72,336 in situ
+BSD licence as pciSeq declares it, notice in ``data/mouse-brain-ca1/NOTICE``): 72,336 in situ
 sequencing spots of 92 genes over a 5471 x 7602 nuclei segmentation, from
 which the nuclei image is rendered (the record says ``image_rendered``). It
 is looked for as ``mouse-brain-ca1`` under ``--data-root``, then
@@ -162,8 +162,8 @@ class MouseBrain(Dataset):
     name = "mouse-brain"
     description = "nuclei image of a mouse brain section, classes from in situ sequencing spots (Dice)"
     params = PARAMS
-    # the same protocol as imagenette (same cnn encoder on RGB-like tiles): AdamW 3e-4, 4 bags per step
-    defaults: Mapping[str, Any] = {"lr": 3e-4, "bags_per_step": 4}
+    # the learning rate of imagenette (the same cnn encoder on image tiles): AdamW 3e-4 for every method
+    defaults: Mapping[str, Any] = {"lr": 3e-4}
     presets = {
         # the transcriptome-CNN paper trained 20 epochs (a protocol key: every method gets them)
         "paper": {"bag_size": 25, "n_train_bags": 600, "n_val_bags": 40, "n_test_bags": 80, "epochs": 20},

@@ -71,7 +71,10 @@ class QMNISTBags(Dataset):
         "n_test_bags": Param(100, int, "held-out test bags", low=1),
         "pool_fractions": Param("0.55,0.15,0.30", str, "train,val,test shares of the digit pool"),
     }
-    defaults = {"lr": 5e-4, "epochs": 10}
+    # this dataset's learning rate and epoch budget for every method. Digit bags sit on the attention-MIL
+    # plateau (loss 0.693) for a while before they learn: under the protocol at 5e-4 and 10 epochs abmil
+    # left it at epoch 5 (seed 1) but was still leaving it at epoch 10 (seed 2, test AUC 0.87).
+    defaults = {"lr": 1e-3, "epochs": 20}
     presets = {
         # Andersson et al. 2022: 84x84 digits, 50 per bag, 5 % key, 300/30/60 bags, lr 5e-5, 25 bags per step.
         "paper": {"instance_size": 84, "bag_size": 50, "key_fraction": 0.05, "n_train_bags": 300,

@@ -17,7 +17,12 @@ from conftest import REPO, records_in, run_cli
 from milbench.errors import ConfigError, MilbenchError
 from milbench.records import write_record
 
-FLAT = "20261123T171859-abmil-imagenette-s1-a66afe5d.json"  # committed: val loss 0.693 for 10 epochs
+# Real histories (val loss, val AUC per epoch; 50 validation bags) of two committed reference records
+# (results/reference at 97bb235): abmil on imagenette, seeds 1 and 0, default preset of that protocol.
+FLAT_S1 = ([0.6949, 0.6929, 0.6936, 0.6927, 0.6923, 0.6919, 0.6965, 0.693, 0.6932, 0.693],
+           [0.542, 0.6, 0.63, 0.726, 0.688, 0.744, 0.624, 0.672, 0.552, 0.534])
+LEFT_S0 = ([0.6935, 0.6929, 0.694, 0.6927, 0.6968, 0.6948, 0.6929, 0.6854, 0.6622, 0.7241],
+           [0.822, 0.882, 0.859, 0.896, 0.827, 0.871, 0.886, 0.794, 0.869, 0.854])
 
 
 def _hist(losses, aucs=None):
@@ -69,19 +74,15 @@ def test_flat_loss_with_a_ranking_auc_says_the_probabilities_never_left_half():
     assert w.startswith("did not learn") and "reached 0.900" in w and "never left 0.5" in w
 
 
-def test_reference_histories_flag_only_the_flat_run():
-    """The committed reference records: the one flat-0.693 run is flagged, no run that learned is."""
+def test_real_histories_flat_run_flagged_and_its_neighbour_not():
+    """Of the 51 reference records at 97bb235 exactly one was flagged: this flat seed (never more than
+    0.0034 from ln 2, val AUC ≤ 0.744 < 0.747, a random ranking's bound for 50 bags). Seed 0 of the
+    same config sat at 0.693 too but reached 0.662 at epoch 9 (and val AUC 0.90): it learned."""
     from milbench.diagnostics import learning_warnings
 
-    ref = REPO / "results" / "reference"
-    if not (ref / FLAT).is_file():
-        pytest.skip("committed reference records not present")
-    flagged = []
-    for p in sorted(ref.glob("*.json")):
-        rec = json.loads(p.read_text())
-        if learning_warnings(rec):
-            flagged.append(p.name)
-    assert flagged == [FLAT]
+    (w,) = learning_warnings(_rec("s1", history=_hist(*FLAT_S1), n_val=50))
+    assert "all 10 epochs" in w and "val AUC at most 0.744" in w and "reaches 0.747" in w
+    assert learning_warnings(_rec("s0", history=_hist(*LEFT_S0), n_val=50)) == []
 
 
 def test_report_marks_did_not_learn_cells_and_explains_them(tmp_path):
@@ -210,8 +211,8 @@ def test_min_instance_size_is_exact_for_every_encoder(name):
         if need > 1:
             with pytest.raises(RuntimeError):
                 cls(1, need - 1, feat_dim=8, norm="none")(torch.zeros(1, 1, need - 1, need - 1))
-    if name in ("lenet", "cnn"):
-        assert need == 16
+    if name == "lenet":
+        assert need == 16  # conv5-pool2-conv5-pool2
 
 
 @pytest.mark.parametrize("method", ["abmil", "grad-accum", "sampled"])
@@ -224,9 +225,13 @@ def test_attention_mil_methods_refuse_instances_their_encoder_cannot_take(method
         with pytest.raises(ConfigError) as err:
             plan_run(reg, method, dataset, overrides=["instance_size=15"], smoke=True)
         msg = str(err.value)
+        # encoder=auto may pick lenet (one channel), so the check, which has no DataSpec, is
+        # conservative and names the encoders that do take 15 px
         assert "\n" not in msg and "at least 16 px" in msg and "got 15" in msg and "encoder=resnet18" in msg
         plan_run(reg, method, dataset, overrides=["instance_size=16"], smoke=True)
         plan_run(reg, method, dataset, overrides=["instance_size=8", "encoder=resnet18"], smoke=True)
+        with pytest.raises(ConfigError, match="encoder 'lenet' needs instances of at least 16 px"):
+            plan_run(reg, method, dataset, overrides=["instance_size=12", "encoder=lenet"], smoke=True)
 
 
 def test_cli_refuses_small_instances_before_a_child_starts(tmp_path):

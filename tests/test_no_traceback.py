@@ -48,7 +48,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
 
-CI_EXAMPLES = 10
+CI_EXAMPLES = 8
 CAP = float(os.environ.get("MILBENCH_HYPOTHESIS_CAP", "4"))
 #: Seconds one example may run before it is stopped (status timeout → rejected, not failed).
 EXAMPLE_TIMEOUT = float(os.environ.get("MILBENCH_HYPOTHESIS_TIMEOUT", "120"))

@@ -89,19 +89,24 @@ def test_backward_equals_plain_small_trunk(plugin, overrides):
     assert any(got[n] is not None for n in got if n.startswith("stream.trunk"))
 
 
+def assert_streamed_step_equals_plain(method, model, bag, config, tol: float = 1e-9) -> None:
+    """The method's streamed backward gives the plain network's loss and every gradient to ``tol``."""
+    ref_loss, ref = plain_step(model, bag, config)
+    model.zero_grad(set_to_none=True)
+    loss = method.backward(model, bag, config)
+    got = grads(model)
+    assert abs(loss - ref_loss) <= tol
+    for name, r in ref.items():
+        if r is not None:
+            assert (got[name] - r).abs().max().item() <= tol, name
+
+
 def test_backward_equals_plain_resnet_trunk(plugin):
     method, config, model = build(plugin, channels=3, patch=48, trunk="resnet18", trunk_depth=2, tile_size=130,
                                   hidden_dim=16, attn_dim=8)
     bag = make_bag(n=12, channels=3, p=48, label=0)  # 144 x 192 image
     assert len(model.stream.tiles(144, 192)) > 1
-    ref_loss, ref = plain_step(model, bag, config)
-    model.zero_grad(set_to_none=True)
-    loss = method.backward(model, bag, config)
-    got = grads(model)
-    assert abs(loss - ref_loss) <= 1e-9
-    for name, r in ref.items():
-        if r is not None:
-            assert (got[name] - r).abs().max().item() <= 1e-9, name
+    assert_streamed_step_equals_plain(method, model, bag, config)
 
 
 @pytest.mark.parametrize("level", ["instance", "pixel"])
@@ -217,14 +222,7 @@ def test_auto_stages_backward_equals_plain(plugin, monkeypatch):
     assert rec["stream_stages"] == 2 and len(model.stream.stages) == 2
     bag = make_bag(n=12, channels=3, p=48, label=1)  # 144 x 192 image
     assert len(model.stream.tiles(144, 192)) > 1, "the test must really stream"
-    ref_loss, ref = plain_step(model, bag, config)
-    model.zero_grad(set_to_none=True)
-    loss = method.backward(model, bag, config)
-    got = grads(model)
-    assert abs(loss - ref_loss) <= 1e-9
-    for name, r in ref.items():
-        if r is not None:
-            assert (got[name] - r).abs().max().item() <= 1e-9, name
+    assert_streamed_step_equals_plain(method, model, bag, config)
 
 
 def test_registers_and_imports_without_torch(plugin):

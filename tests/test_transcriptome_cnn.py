@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from milbench.api import Bag, DataSpec, RunContext, Splits
-from milbench.config import HARNESS_PARAMS, resolve
+from milbench.config import resolve
+from milbench.protocol import PROTOCOL_PARAMS
 from milbench.errors import ConfigError
 from milbench.models.patch_classifier import (DEFAULT_BACKBONES, PatchClassifier, balanced_weights,
                                               build_backbone, dense_class_map, sliding_window_probs)
@@ -31,7 +32,7 @@ SPEC4 = DataSpec(channels=1, instance_size=32, n_classes=4,
 
 
 def config(**over):
-    return resolve({**HARNESS_PARAMS, **METHOD.params}, [("method", METHOD.defaults)], over)
+    return resolve({**PROTOCOL_PARAMS, **METHOD.params}, [("method", METHOD.defaults)], over)
 
 
 class CentrePixelOracle(nn.Module):

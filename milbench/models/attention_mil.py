@@ -47,8 +47,8 @@ def encoder_name(config: Mapping[str, Any], spec: DataSpec) -> str:
 
 def check_geometry(config: Mapping[str, Any], method: str) -> None:
     """Refuse, in the parent and before any child starts, an ``instance_size`` the
-    encoder cannot take (LeNet's and the small CNN's conv/pool stacks shrink an
-    instance under 16 px to nothing and torch would fail mid-run).
+    encoder cannot take (LeNet's conv/pool stack shrinks an instance under 16 px
+    to nothing and torch would fail mid-run).
 
     ``check`` has no DataSpec, so ``encoder='auto'`` (LeNet for one channel, the
     CNN for three) must fit either; the minimum comes from the layers

@@ -733,18 +733,23 @@ def activation_bytes_per_pixel(trunk: nn.Module, geo: Geometry | None = None) ->
     :data:`ACTIVATION_HEADROOM`.
     """
     geo = geo or geometry(trunk)
-    p = next(trunk.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
-    dtype = p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype()
-    s = max(geo.stride)
-    a = 8 * s
-    while min(geo._analysis.sizes(a, a)) < 1:
-        a *= 2
-    b = 2 * a
-    channels = _in_channels(trunk)
+    device, dtype, a, b, channels = _probe_setup(trunk, geo)
     slope = (_saved_bytes(trunk, b, channels, device, dtype) - _saved_bytes(trunk, a, channels, device, dtype)) \
         / float(b * b - a * a)
     return max(slope, 1.0) * ACTIVATION_HEADROOM
+
+
+def _probe_setup(trunk: nn.Module, geo: Geometry) -> tuple[torch.device, torch.dtype, int, int, int]:
+    """Where and at which two sides to probe a trunk's saved-activation bytes:
+    its own device and dtype, sides ``a`` (8 strides, grown until every layer
+    has an output) and ``b = 2a``, and its input channels."""
+    p = next(trunk.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype()
+    a = 8 * max(geo.stride)
+    while min(geo._analysis.sizes(a, a)) < 1:
+        a *= 2
+    return device, dtype, a, 2 * a, _in_channels(trunk)
 
 
 def auto_tile_size(geo: Geometry, bytes_per_pixel: float, budget_bytes: float) -> int:
@@ -823,15 +828,7 @@ def auto_stages(trunk: nn.Module, budget_bytes: float, max_stages: int = 2) -> S
     if not isinstance(trunk, nn.Sequential) or len(trunk) < 2 or max_stages < 2:
         bpp = activation_bytes_per_pixel(trunk, geo)
         return StagePlan((), (auto_tile_size(geo, bpp, budget_bytes),), (bpp,), budget_bytes)
-    p = next(trunk.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
-    dtype = p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype()
-    s = max(geo.stride)
-    a = 8 * s
-    while min(geo._analysis.sizes(a, a)) < 1:
-        a *= 2
-    b = 2 * a
-    channels = _in_channels(trunk)
+    device, dtype, a, b, channels = _probe_setup(trunk, geo)
     lo_, hi_ = (_child_saved_bytes(trunk, n, channels, device, dtype) for n in (a, b))
     child = [max(h - l, 0) / float(b * b - a * a) for l, h in zip(lo_, hi_)]  # bytes per image pixel
     elem = torch.tensor([], dtype=dtype).element_size()
