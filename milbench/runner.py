@@ -56,12 +56,16 @@ def presets_of(method: Any, dataset: Any, results: Path | None = None) -> list[s
 
 def plan_run(registry: Registry, method_name: str, dataset_name: str, preset: str | None = None,
              overrides: Sequence[str] | Mapping[str, Any] = (), seed: int = 0, smoke: bool = False,
-             results: Path | None = None) -> RunPlan:
+             results: Path | None = None, check: bool = True) -> RunPlan:
     """Resolve a point's config: declared defaults (protocol, dataset, method),
     the dataset's then the method's overrides, the preset (built in, or saved
     under ``results/presets`` by ``milbench tune``), ``--smoke``, then
     ``--set``. Bad names and values are one-line errors. A method whose own
-    layers set a protocol key is refused (the protocol is the same for all)."""
+    layers set a protocol key is refused (the protocol is the same for all).
+    ``check=False`` skips the method's :meth:`~milbench.api.Method.check` (a
+    sweep worker re-plans only to compare config hashes with its driver, which
+    already checked; a check may build a probe model, and a scheduler's signal
+    must not land inside it)."""
     from milbench.presets import load_preset
 
     method = registry.method(method_name)
@@ -90,7 +94,8 @@ def plan_run(registry: Registry, method_name: str, dataset_name: str, preset: st
                    (f"method '{method.name}' smoke", method.smoke)]
     config = resolve(params, layers, overrides)
     try:
-        method.check(config)
+        if check:
+            method.check(config)
     except MilbenchError:
         raise
     except Exception as exc:  # a plugin bug must not surface as a traceback

@@ -52,8 +52,10 @@ def isolated_roots(tmp_path, monkeypatch):
 
 
 def config(**over):
+    from milbench.protocol import PROTOCOL_PARAMS
+
     ds = mb.MouseBrain()
-    return resolve(ds.params, [("dataset", ds.defaults)], over)
+    return resolve({**PROTOCOL_PARAMS, **ds.params}, [("dataset", ds.defaults)], over)
 
 
 # ------------------------------------------------------------------ the files
@@ -64,7 +66,7 @@ def test_embedded_copy_is_the_ca1_section_with_notice(ca1_dir):
         assert mb._sha256(mb.EMBEDDED / name) == digest
         assert mb._sha256(ca1_dir / name) == digest
     notice = (mb.EMBEDDED / "NOTICE").read_text()
-    assert "MIT License" in notice and "acycliq/pciSeq" in notice and "Qian" in notice
+    assert "BSD" in notice and "MIT License" not in notice and "acycliq/pciSeq" in notice and "Qian" in notice
 
 
 # Rows of spots.csv (0-based data rows) and the label-image cell each lies on, read
