@@ -105,7 +105,7 @@ def plan_run(registry: Registry, method_name: str, dataset_name: str, preset: st
     return RunPlan(method.name, dataset.name, preset, int(seed), smoke, config,
                    config_hash(config, method.name, dataset.name), method.supervision,
                    list(overrides) if not isinstance(overrides, Mapping) else [f"{k}={v}" for k, v in overrides.items()],
-                   protocol=protocol_block(config, getattr(dataset, "augmentation", "") or "none"))
+                   protocol=protocol_block(config, dataset.augmentation or "none"))
 
 
 _DEVICE_HELP = "valid: auto, cpu, cuda, cuda:N"

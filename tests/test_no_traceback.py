@@ -73,10 +73,7 @@ def _registry_and_params() -> tuple[list[str], list[str], dict[str, dict[str, An
     from milbench.plugins import get_registry
     from milbench.runner import plan_run
 
-    try:  # where the harness keeps its own keys has moved between versions
-        from milbench.protocol import PROTOCOL_PARAMS as harness
-    except ImportError:  # pragma: no cover
-        from milbench.config import HARNESS_PARAMS as harness  # type: ignore[no-redef]
+    from milbench.protocol import PROTOCOL_PARAMS as harness
     reg = get_registry()
     methods, datasets = sorted(reg.methods), sorted(reg.datasets)
     table: dict[str, dict[str, Any]] = {}
