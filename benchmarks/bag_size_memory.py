@@ -9,7 +9,7 @@ results folder are skipped (resume). Afterwards the script writes
 
 Usage (CPU, about 8 minutes on 2 shared cores)::
 
-    MILBENCH_DATA_ROOT=/work/shared/data python benchmarks/bag_size_memory.py \\
+    MILBENCH_DATA_ROOT=../shared/data python benchmarks/bag_size_memory.py \\
         --results results/bag-size-cpu --max-memory 1GB --cpu-time
 
     python benchmarks/bag_size_memory.py --results results/bag-size-cpu --table-only

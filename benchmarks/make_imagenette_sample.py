@@ -65,7 +65,7 @@ def pick(files: list[Path], n: int, rng: np.random.Generator) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", type=Path, default=Path("/work/shared/data/imagenette2-224"))
+    ap.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette2-224")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--quality", type=int, default=90)

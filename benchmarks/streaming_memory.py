@@ -141,8 +141,8 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from milbench.models.clam import build_trunk
     from milbench.models.streaming import StreamingTrunk, auto_stages, describe
+    from milbench_plugins.streamingclam.trunk import build_trunk
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

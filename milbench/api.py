@@ -20,16 +20,78 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import pluggy
 
-from milbench.config import Param  # re-exported for plugin authors
+from milbench.config import Param, resolve  # declaring and resolving config keys
 from milbench.data.augment import color_jitter, random_flips, random_shift  # augmentation building blocks
+from milbench.data.keys import bag_params  # the keys every bag dataset declares, in one call
+from milbench.data.roots import ENV_DATA_ROOT, cache_dir, candidate_roots, find_in_roots  # where data lives
+from milbench.errors import (  # one-line errors
+    ConfigError, DataError, MilbenchError, PluginError, did_you_mean, first_line)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from milbench.data.bags import BagPlan, LazyBags, PooledBags, grid_shape, ids_hash, plan_bags, row_major_grid, split_pool
+    from milbench.data.download import fetch
+    from milbench.models.attention import AttentionMIL, bag_loss, attention_scores
+    from milbench.models.attention_mil import (
+        ATTENTION_MIL_PARAMS, PAPER_MODEL, build_attention_mil, check_geometry, encoder_name)
+    from milbench.models.chunked import chunk_slices, chunked_backward, encode_chunks, random_layers
+    from milbench.models.encoders import create_encoder, min_instance_size, norm2d
+    from milbench.models.norms import FrozenBatchNorm2d, freeze_batch_norms, require_batch_independent
+    from milbench.models.streaming import (
+        DEFAULT_TILE_BUDGET_BYTES, StagePlan, StreamingTrunk, auto_stages, describe, geometry,
+        streamed_forward_backward)
+    from milbench.protocol import PROTOCOL_PARAMS
+    from milbench.segmentation_metrics import dense_class_metrics, metric_key
+
+#: Shared code a plugin may build on, imported on first use (``from milbench.api import
+#: encode_chunks`` inside a method's ``build``), so that registering a plugin never imports
+#: torch. Name -> the module that holds it. Everything here is used by two or more plugins
+#: (or is the engine a third party's method would reuse); code one plugin owns lives in it.
+_LAZY: dict[str, str] = {
+    # bags drawn from a pool of labelled images, laid on a grid (milbench.data.bags)
+    **dict.fromkeys(("BagPlan", "PooledBags", "LazyBags", "plan_bags", "split_pool", "ids_hash", "grid_shape",
+                     "row_major_grid", "bag_sizes"), "milbench.data.bags"),
+    "fetch": "milbench.data.download",
+    # attention MIL (Ilse et al.): heads, losses, the shared model builder and its keys
+    **dict.fromkeys(("AttentionMIL", "bag_loss", "attention_scores"), "milbench.models.attention"),
+    **dict.fromkeys(("ATTENTION_MIL_PARAMS", "PAPER_MODEL", "build_attention_mil", "check_geometry",
+                     "encoder_name"), "milbench.models.attention_mil"),
+    # instance encoders by name (one registry, as timm's create_model)
+    **dict.fromkeys(("create_encoder", "min_instance_size", "norm2d"), "milbench.models.encoders"),
+    # chunked encoding with exact gradients (gradient accumulation over instances)
+    **dict.fromkeys(("chunk_slices", "encode_chunks", "chunked_backward", "random_layers"), "milbench.models.chunked"),
+    # norms that keep instances independent of each other
+    **dict.fromkeys(("FrozenBatchNorm2d", "freeze_batch_norms", "require_batch_independent"), "milbench.models.norms"),
+    # the streaming engine: exact gradients of a CNN on an image larger than memory, tile by tile
+    **dict.fromkeys(("StreamingTrunk", "streamed_forward_backward", "geometry", "auto_stages", "StagePlan",
+                     "describe", "DEFAULT_TILE_BUDGET_BYTES"), "milbench.models.streaming"),
+    # dense (pixel) class metrics for methods that predict class maps
+    **dict.fromkeys(("dense_class_metrics", "metric_key"), "milbench.segmentation_metrics"),
+    # the training protocol's keys (a dataset may set their defaults, a method may not)
+    "PROTOCOL_PARAMS": "milbench.protocol",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a :data:`_LAZY` name from its module on first use (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'milbench.api' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "hookimpl", "Param", "Bag", "Prediction", "DataSpec", "Splits", "Method", "Dataset",
     "DataStatus", "Metric", "RunContext", "random_flips", "color_jitter", "random_shift",
     "InstanceSource", "LazyInstances", "ImageSource", "LazyImage", "LazyBag",
+    "resolve", "bag_params", "ENV_DATA_ROOT", "cache_dir", "candidate_roots", "find_in_roots",
+    "MilbenchError", "ConfigError", "DataError", "PluginError", "did_you_mean", "first_line",
+    *_LAZY,
 ]
 
 #: Decorator marking a plugin's hook implementations (project name ``milbench``).
@@ -411,10 +473,16 @@ class Splits:
     """The three splits of one run and what the record should say about them.
 
     ``train``/``val``/``test`` are sequences of :class:`Bag` (they may build
-    bags lazily). ``info`` goes into the record verbatim: at least ``source``
-    (``"sample"`` when a reduced copy shipped in the package was read — the
-    report flags it — otherwise a dataset-specific name of what was read),
-    ``files`` read, ``split_seed`` and per-split instance-id hashes.
+    bags lazily). ``info`` goes into the record verbatim. Expected keys:
+
+    - ``source``: ``"sample"`` when a reduced copy shipped in the package was
+      read (the report flags it), ``"generated"`` for data the dataset made
+      itself, otherwise a dataset-specific name of what was read (``"full"``,
+      ``"slides"``, ...);
+    - ``files``: what was read; ``split_seed``: the seed of the split;
+    - ``instance_id_hash``: ``{"train": h, "val": h, "test": h}``, each
+      :func:`ids_hash` of that split's instance ids (so two records can be
+      checked for the same data, and disjoint splits shown as such).
     """
 
     spec: DataSpec
@@ -432,7 +500,9 @@ class DataStatus:
     found: bool
     complete: bool
     root: str | None
-    source: str  # "full", "partial", "sample" or "missing"
+    #: "full" (every file found), "partial", "sample" (the copy shipped in the package),
+    #: "generated" (data the dataset makes itself), "missing", or "error" (status() failed)
+    source: str
     detail: str
     looked_in: list[str] = field(default_factory=list)
     fetch_hint: str = ""
@@ -460,9 +530,11 @@ class Method:
     and metrics; a method only decides how one bag's gradient is computed and
     how one bag is predicted. That is what makes the comparison fair.
 
-    ``params`` declares the method's own config keys; ``defaults`` overrides
-    harness or dataset defaults (e.g. ``lr``); ``presets`` maps a preset name
-    to overrides; ``smoke`` is the ``--smoke`` overlay. ``supervision`` is
+    ``params`` declares the method's own config keys; ``defaults``, ``presets``
+    (a preset name -> overrides) and ``smoke`` (the ``--smoke`` overlay) may set
+    the method's own keys and the dataset's keys, never a protocol key (``lr``,
+    ``epochs``, ...: see ``milbench list``), so every method on a dataset trains
+    under the same protocol. ``supervision`` is
     ``"bag"`` (reads only ``bag.label`` while training) or ``"instance"``.
     """
 
@@ -503,9 +575,18 @@ class Method:
 class Dataset:
     """Base class of a dataset plugin: declares its keys and builds the splits.
 
+    ``params`` declares every key the dataset reads -- the harness supplies
+    none: a bag dataset declares the shared bag keys with :func:`bag_params`
+    (``bag_size``, ``instance_size``, ``key_fraction``, ``n_train_bags`` ...)
+    plus its own. ``defaults`` may override its own keys and the protocol's
+    (e.g. ``lr``, ``epochs``: every method on this dataset then trains with
+    them). ``presets`` maps a preset name to overrides; ``smoke`` is the
+    ``--smoke`` overlay.
+
     ``load`` must hold out the test split at the level of source images
     (no test bag shares a source image/tile with a training bag) and be
-    deterministic given ``config`` and ``seed``.
+    deterministic given ``config`` and ``seed``. ``status``, ``verify`` and
+    ``download`` serve ``milbench data``.
     """
 
     name: ClassVar[str] = ""
@@ -528,8 +609,13 @@ class Dataset:
         is no augmentation; declare what yours does in :attr:`augmentation`."""
         return instances
 
-    def status(self, data_root: str | None) -> DataStatus:
-        """Where the data is looked for and what was found (no heavy loading)."""
+    #: The choices ``milbench data download NAME --variant V`` accepts (empty: no choice).
+    variants: ClassVar[tuple[str, ...]] = ()
+
+    def status(self, data_root: str | None, overrides: Sequence[str] = ()) -> DataStatus:
+        """Where the data is looked for and what was found (no heavy loading).
+        ``overrides`` are the user's ``--set key=value`` strings, for a dataset whose
+        answer depends on its keys (``slides``: which manifest, tiles at these settings)."""
         raise NotImplementedError
 
     def load(self, config: Mapping[str, Any], seed: int, data_root: str | None) -> Splits:
@@ -537,14 +623,14 @@ class Dataset:
         with where it looked and what to do if the data is missing or corrupt."""
         raise NotImplementedError
 
-    def verify(self, data_root: str | None) -> list[str]:
-        """Deep check of the files (counts, readability, checksums); return problems."""
+    def verify(self, data_root: str | None, quick: bool = False) -> list[str]:
+        """Deep check of the files (counts, readability, checksums); return problems, one
+        line each. ``quick``: check a sample (e.g. decode some images, not all)."""
         return []
 
-    def download(self, data_root: str) -> None:
-        """Fetch the official files into ``data_root`` (network needed)."""
-        from milbench.errors import DataError
-
+    def download(self, data_root: str, variant: str | None = None) -> None:
+        """Fetch the official files into ``data_root`` (network needed); ``variant`` is one
+        of :attr:`variants`, or None for the dataset's default."""
         raise DataError(f"dataset '{self.name}' has no download; place its files under {data_root}")
 
 

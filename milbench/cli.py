@@ -1,8 +1,10 @@
 """The ``milbench`` command line.
 
 Heavy modules (torch, pandas, rich tables) are imported inside commands, and
-built-in subcommands live in their own modules loaded on demand, so
-``milbench --help`` answers instantly. Plugins may add commands through the
+built-in subcommands live in their own modules (:mod:`milbench.commands`),
+imported only when the command line needs them, so ``milbench --help``
+answers instantly. A command module that fails to import is a bug and
+surfaces as one, never as a missing command. Plugins may add commands through the
 ``milbench_register_commands`` hook. A :class:`~milbench.errors.MilbenchError`
 anywhere becomes one line on stderr and exit status 2, never a traceback.
 """
@@ -24,7 +26,7 @@ BUILTIN_COMMANDS = {
     "report": "milbench.commands.report:report",
     "list": "milbench.commands.inspect:list_cmd",
     "plugins": "milbench.commands.inspect:plugins_cmd",
-    "data": "milbench.data_cli:data_group",
+    "data": "milbench.commands.data:data_group",
     "sweep": "milbench.commands.sweep:sweep",
     "tune": "milbench.commands.tune:tune",
     "plot": "milbench.commands.plot:plot",
@@ -52,20 +54,15 @@ class MilbenchGroup(click.Group):
         return self._plugin_commands
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        names = [n for n in BUILTIN_COMMANDS if self._builtin(n) is not None]
-        return names + sorted(self._plugins())
+        return list(BUILTIN_COMMANDS) + sorted(self._plugins())
 
     def _builtin(self, name: str) -> click.Command | None:
+        """The built-in command ``name`` (its module imported now), or None if there is none."""
         target = BUILTIN_COMMANDS.get(name)
         if target is None:
             return None
         module, attr = target.split(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("milbench"):
-                return None  # command not built yet in this checkout
-            raise
+        return getattr(importlib.import_module(module), attr)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         return self._builtin(name) or self._plugins().get(name)

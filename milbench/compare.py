@@ -18,9 +18,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from milbench.errors import MilbenchError
-from milbench.report import _fmt, _status_text, metric_column, varying_keys
-
-DEFAULT_METRICS = ("bag_auc", "bag_accuracy", "dice", "train_s_per_bag", "peak_mib")
+from milbench.report import DEFAULT_METRICS, _fmt, _status_text, metric_column, varying_keys
 #: Metrics compared as a ratio B / A (costs); everything else as a difference B − A.
 RATIO_METRICS = frozenset({"train_s_per_bag", "train_s", "total_s", "wall_s", "peak_mib", "gpu_peak_mib",
                            "cpu_peak_rss_mib", "torch_peak_mib"})

@@ -1,4 +1,12 @@
-"""The machine and software that produced a record (asv-style provenance)."""
+"""The machine and software that produced a record (asv-style provenance).
+
+A time or memory figure means nothing without the CPU, GPU, driver, torch
+and milbench version that produced it, and the commit of the code: every
+record carries them, so results from two machines are compared knowingly.
+The parent fills in what it knows without torch (:func:`host_environment`,
+:func:`git_state`); the child adds torch, CUDA and the GPU
+(:func:`torch_environment`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import milbench
 
 
 def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

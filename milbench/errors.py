@@ -38,3 +38,10 @@ def unknown_name(kind: str, name: str, valid: Iterable[str]) -> MilbenchError:
     return MilbenchError(
         f"unknown {kind} '{name}'{did_you_mean(name, valid)}; valid: {', '.join(valid) or '(none)'}"
     )
+
+
+def first_line(exc: BaseException) -> str:
+    """``ExceptionType: first line of its message`` (just the type when the message is empty):
+    how an exception that is not a :class:`MilbenchError` is shown in one line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")

@@ -29,7 +29,7 @@ class ResourceSampler:
     """
 
     def __init__(self, device_index: int | None = None, interval: float = 0.01,
-                 limit_bytes: int | None = None, on_limit: Callable[[int], None] | None = None):
+                 limit_bytes: int | None = None, on_limit: Callable[[int], None] | None = None) -> None:
         import psutil
 
         self.interval = interval
@@ -45,9 +45,15 @@ class ResourceSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if device_index is not None:
-            self._init_nvml(device_index)
+            self.attach_gpu(device_index)
 
-    def _init_nvml(self, index: int) -> None:
+    def attach_gpu(self, index: int) -> None:
+        """Measure GPU ``index`` (torch's numbering, inside ``CUDA_VISIBLE_DEVICES``) from now on.
+
+        The child calls it when the GPU is known only once torch has chosen it
+        (``--device auto``). Its baseline is the device's used memory now. Without
+        a driver or NVML the GPU figures simply stay None.
+        """
         try:
             import pynvml
 
@@ -143,7 +149,7 @@ class PhaseTimer:
     methods are better taken from ``<phase>_cpu_s`` there.
     """
 
-    def __init__(self, device: Any = None):
+    def __init__(self, device: Any = None) -> None:
         self.device = device
         self.seconds: dict[str, float] = {}
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pluggy
 
 from milbench import hookspecs
-from milbench.errors import PluginError, unknown_name
+from milbench.errors import PluginError, first_line, unknown_name
 
 GROUP = "milbench"
 ENV_FILTER = "MILBENCH_PLUGINS"
@@ -52,6 +52,7 @@ class Registry:
         self.items: dict[str, dict[str, Any]] = {k: {} for k in _KINDS}
         self.owners: dict[tuple[str, str], str] = {}
         self.conflicts: dict[tuple[str, str], list[str]] = {}
+        self.invalid: dict[tuple[str, str], str] = {}  # registered but refused by check_registered
         self.plugins: list[PluginInfo] = []
         self.command_hooks: list[tuple[PluginInfo, Callable[..., None]]] = []
 
@@ -68,7 +69,9 @@ class Registry:
         return self.items["metric"]
 
     def get(self, kind: str, name: str) -> Any:
-        """The registered object, or a one-line error (unknown name, conflict)."""
+        """The registered object, or a one-line error (unknown name, conflict, invalid plugin)."""
+        if (kind, name) in self.invalid:
+            raise PluginError(f"{kind} '{name}' is unusable: {self.invalid[(kind, name)]}")
         if (kind, name) in self.conflicts:
             owners = " and ".join(repr(o) for o in self.conflicts[(kind, name)])
             raise PluginError(
@@ -94,6 +97,12 @@ class Registry:
         if not isinstance(name, str) or not name:
             raise PluginError(f"registered {kind} {obj!r} has no name")
         key = (kind, name)
+        try:
+            check_registered(kind, obj)
+        except PluginError as exc:
+            self.invalid[key] = str(exc)
+            plugin.status, plugin.error = "broken", str(exc)
+            return
         if key in self.conflicts:
             self.conflicts[key].append(plugin.name)
             return
@@ -109,6 +118,32 @@ class Registry:
         self.owners[key] = plugin.name
         self.items[kind][name] = obj
         plugin.registered.append(f"{kind}:{name}")
+
+
+def check_registered(kind: str, obj: Any) -> None:
+    """Refuse (one-line :class:`PluginError`) what a plugin registers but cannot work:
+    an object of the wrong class, ``params`` that are not :class:`Param`, a method that
+    sets a protocol key, a dataset whose layers set keys it does not declare. Checked
+    when the registry loads, so ``milbench list`` and ``milbench plugins`` show the
+    plugin as broken with the reason, rather than every run failing later."""
+    from milbench.api import Dataset, Method, Metric
+    from milbench.config import Param
+    from milbench.protocol import check_dataset_layers, check_method_layers
+
+    base = {"method": Method, "dataset": Dataset, "metric": Metric}[kind]
+    if not isinstance(obj, base):
+        raise PluginError(f"registered {kind} {obj!r} is not a milbench.api.{base.__name__}")
+    if kind == "metric":
+        if not callable(obj.fn):
+            raise PluginError(f"metric '{obj.name}' fn is not callable")
+        return
+    bad = sorted(k for k, p in obj.params.items() if not isinstance(p, Param))
+    if bad:
+        raise PluginError(f"{kind} '{obj.name}' params {', '.join(bad)} are not milbench.api.Param")
+    if kind == "method":
+        check_method_layers(obj)
+    else:
+        check_dataset_layers(obj)
 
 
 def _selected(names: list[str]) -> set[str]:
@@ -129,11 +164,6 @@ def _entry_points() -> list[metadata.EntryPoint]:
     return sorted(seen.values(), key=lambda e: e.name)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def load_registry(extra_plugins: list[tuple[str, Any]] = ()) -> Registry:
     """Load every selected entry point (and ``extra_plugins`` objects) into a Registry."""
     reg = Registry()
@@ -152,7 +182,7 @@ def load_registry(extra_plugins: list[tuple[str, Any]] = ()) -> Registry:
             module = ep.load()
             pm.register(module, name=ep.name)
         except Exception as exc:  # a broken plugin must not take the CLI down
-            info.status, info.error = "broken", f"import failed: {_short(exc)}"
+            info.status, info.error = "broken", f"import failed: {first_line(exc)}"
             continue
         loaded.append((info, module))
     for name, obj in extra_plugins:
@@ -164,20 +194,25 @@ def load_registry(extra_plugins: list[tuple[str, Any]] = ()) -> Registry:
         loaded.append((info, obj))
 
     by_name = {info.name: info for info, _ in loaded}
+    dead: set[str] = set()  # plugins whose hook raised: their other hooks are not called
     for kind in _KINDS:
         hook = getattr(pm.hook, f"milbench_register_{kind}s")
         for impl in reversed(hook.get_hookimpls()):  # pluggy lists last-registered first
             info = by_name[impl.plugin_name]
-            if info.status == "broken":
+            if info.name in dead:
                 continue
             staged: list[Any] = []
             try:
                 impl.function(register=staged.append)
             except Exception as exc:
-                info.status, info.error = "broken", f"{impl.function.__name__} raised {_short(exc)}"
+                info.status, info.error = "broken", f"{impl.function.__name__} raised {first_line(exc)}"
+                dead.add(info.name)
                 continue
             for obj in staged:
-                reg._add(kind, obj, info)
+                try:
+                    reg._add(kind, obj, info)
+                except PluginError as exc:  # e.g. an object without a name: skip it, keep the rest
+                    info.status, info.error = "broken", str(exc)
     for impl in reversed(pm.hook.milbench_register_commands.get_hookimpls()):
         reg.command_hooks.append((by_name[impl.plugin_name], impl.function))
     return reg

@@ -17,7 +17,7 @@ from typing import Any
 class RunProgress:
     """Log lines above, one live bar below: bags done/total, loss, bags/s, ETA."""
 
-    def __init__(self, path: Path, epochs: int | None, enabled: bool | None = None, console: Any = None):
+    def __init__(self, path: Path, epochs: int | None, enabled: bool | None = None, console: Any = None) -> None:
         self.path = path
         self.epochs = epochs
         self.enabled = sys.stderr.isatty() if enabled is None else enabled

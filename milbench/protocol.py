@@ -78,6 +78,28 @@ def check_method_layers(method: Any) -> None:
                               "protocol is the same for every method (a dataset or a tuned preset may set them)")
 
 
+def check_dataset_layers(dataset: Any) -> None:
+    """Refuse a dataset whose ``defaults``/``presets``/``smoke`` set a key it does not
+    declare (the harness supplies no dataset key: ``bag_size`` and friends come from the
+    dataset's own ``params``, see :func:`milbench.api.bag_params`) or a value its key
+    refuses. Checked at registration, so ``milbench list`` flags the plugin instead of
+    every run failing."""
+    from milbench.errors import MilbenchError
+
+    params = {**PROTOCOL_PARAMS, **dict(dataset.params)}
+    layers = [("defaults", dataset.defaults), ("smoke", dataset.smoke)]
+    layers += [(f"preset '{name}'", preset) for name, preset in dataset.presets.items()]
+    for where, layer in layers:
+        for key, value in layer.items():
+            if key not in params:
+                raise PluginError(f"dataset '{dataset.name}' {where} sets key '{key}', which it does not declare in "
+                                  f"its params (declare the shared bag keys with milbench.api.bag_params)")
+            try:
+                params[key].validate(key, value)
+            except MilbenchError as exc:
+                raise PluginError(f"dataset '{dataset.name}' {where}: {exc}") from None
+
+
 def protocol_block(config: Mapping[str, Any], augmentation: str) -> dict[str, Any]:
     """The record's ``protocol`` block: version, protocol keys, the dataset's
     augmentation (what ``augment`` does on this dataset) and a hash of all three."""

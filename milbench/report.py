@@ -19,6 +19,7 @@ from milbench.records import iter_records
 #: What a table cell says for a method × dataset with no record at all.
 NOT_RUN = "not run"
 
+#: The metrics a table shows (and ``milbench compare`` compares) when none is named.
 DEFAULT_METRICS = ("bag_auc", "bag_accuracy", "dice", "train_s_per_bag", "peak_mib")
 
 #: Derived columns: name -> (record path, scale, help)
@@ -263,8 +264,8 @@ def to_rich(summary: pd.DataFrame, title: str = "milbench") -> Any:
 
 
 def latest_per_point(df: pd.DataFrame) -> pd.DataFrame:
-    """One record per sweep point (config hash × seed × smoke): the latest ``ok`` one
-    if any, else the latest record.
+    """One record per sweep point (:func:`milbench.sweep.grid.point_key`: config hash ×
+    seed × smoke, as resume sees it): the latest ``ok`` one if any, else the latest record.
 
     A resumed sweep leaves the ``interrupted`` (or ``preempted``, ``failed``)
     record of a point beside the ``ok`` record of its rerun; the history stays
@@ -272,9 +273,14 @@ def latest_per_point(df: pd.DataFrame) -> pd.DataFrame:
     """
     if df.empty or "config_hash" not in df:
         return df
-    d = df.assign(_ok=(df["status"] == "ok").astype(int), _created=df["created"].astype(str))
+    from milbench.sweep.grid import POINT_FIELDS, point_key
+
+    fields = [f for f in POINT_FIELDS if f in df]
+    keys = [point_key(dict(zip(fields, row))) for row in df[fields].itertuples(index=False, name=None)]
+    d = df.assign(_ok=(df["status"] == "ok").astype(int), _created=df["created"].astype(str),
+                  _point=pd.Series(keys, index=df.index, dtype=object))
     d = d.sort_values(["_ok", "_created", "run_id"], kind="stable")
-    keep = d.drop_duplicates(["config_hash", "seed", "smoke"], keep="last")
+    keep = d.drop_duplicates("_point", keep="last")
     return df.loc[sorted(keep.index)]
 
 

@@ -5,6 +5,8 @@ The parent never imports torch. It owns the outcome: ``ok``, ``failed``,
 ``oom`` (the child's own report, or the ``--max-memory`` watchdog),
 ``timeout`` (``--timeout`` seconds passed) and ``interrupted`` (SIGINT/SIGTERM
 reached the parent, which stops the child and still writes the record).
+What the parent tells the child and which fields the child hands back are
+defined once, in :mod:`milbench.handoff`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from milbench.config import config_hash, resolve
-from milbench.errors import ConfigError, MilbenchError, unknown_name
+from milbench.errors import ConfigError, MilbenchError, PluginError, first_line, unknown_name
+from milbench.handoff import CHILD_FIELDS, NULL_MEMORY_KEYS, ChildSpec, null_fields
 from milbench.plugins import Registry
 from milbench.progress import RunProgress
 from milbench.protocol import PROTOCOL_PARAMS, PROTOCOL_SMOKE, check_method_layers, protocol_block
@@ -99,37 +102,11 @@ def plan_run(registry: Registry, method_name: str, dataset_name: str, preset: st
     except MilbenchError:
         raise
     except Exception as exc:  # a plugin bug must not surface as a traceback
-        from milbench.errors import PluginError
-
-        raise PluginError(f"method '{method.name}' check() raised {type(exc).__name__}: {exc}") from None
+        raise PluginError(f"method '{method.name}' check() raised {first_line(exc)}") from None
     return RunPlan(method.name, dataset.name, preset, int(seed), smoke, config,
                    config_hash(config, method.name, dataset.name), method.supervision,
                    list(overrides) if not isinstance(overrides, Mapping) else [f"{k}={v}" for k, v in overrides.items()],
                    protocol=protocol_block(config, dataset.augmentation or "none"))
-
-
-_DEVICE_HELP = "valid: auto, cpu, cuda, cuda:N"
-
-
-def check_device(device: str) -> str:
-    """Validate ``--device`` without importing torch (NVML tells whether a GPU exists)."""
-    d = device.strip().lower()
-    if d in ("auto", "cpu"):
-        return d
-    if d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()):
-        index = int(d[5:]) if ":" in d else 0
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            count = pynvml.nvmlDeviceGetCount()
-        except Exception as exc:
-            raise MilbenchError(f"--device {device}: no CUDA device on this machine "
-                                f"(NVML: {type(exc).__name__}); use --device cpu or auto") from None
-        if index >= count:
-            raise MilbenchError(f"--device {device}: only {count} CUDA device(s) visible; {_DEVICE_HELP}")
-        return d
-    raise MilbenchError(f"bad --device {device!r}; {_DEVICE_HELP}")
 
 
 def parse_bytes(text: str | None) -> int | None:
@@ -195,32 +172,29 @@ def _stop_child(proc: subprocess.Popen, grace: float = 10.0) -> None:
 class RunInterrupted(KeyboardInterrupt):
     """The user interrupted a run; its record was written (``record`` holds it)."""
 
-    def __init__(self, record: dict[str, Any]):
+    def __init__(self, record: dict[str, Any]) -> None:
         super().__init__(record.get("error"))
         self.record = record
-
-
-_NULL_MEMORY = {"gpu_peak_bytes": None, "gpu_peak_method": None, "torch_peak_allocated_bytes": None,
-                "torch_peak_reserved_bytes": None, "cpu_peak_rss_bytes": None}
 
 
 def new_record(plan: RunPlan, device: str, data_root: str | None, max_memory: int | None,
                extra: Mapping[str, Any] | None = None, status: str = "failed", error: str | None = None) -> dict[str, Any]:
     """The skeleton of a point's record, before anything ran: every required key,
-    measurements null. :func:`execute` fills it from the child; a sweep driver
-    writes it as is when an engine lost a point without a record."""
+    measurements null (:func:`milbench.handoff.null_fields`). :func:`execute`
+    fills it from the child; a sweep driver writes it as is when an engine lost
+    a point without a record."""
     from milbench.environment import git_state
 
+    nulls = null_fields()
     record: dict[str, Any] = {k: None for k in REQUIRED_KEYS}
     record.update({
         "schema_version": SCHEMA_VERSION, "run_id": new_run_id(plan.method, plan.dataset, plan.seed),
-        "created": now_iso(), "status": status, "error": error,
+        "created": now_iso(), "status": status,
         "method": plan.method, "dataset": plan.dataset, "preset": plan.preset, "config": plan.config,
         "config_hash": plan.config_hash, "seed": plan.seed, "supervision": plan.supervision,
         "smoke": plan.smoke, "overrides": plan.overrides, "protocol": plan.protocol, "device_requested": device,
-        "data_root": data_root, "metrics": {}, "timing": {}, "memory": {**_NULL_MEMORY, "max_memory_bytes": max_memory},
-        "history": [], "environment": {}, "log": None, "git": git_state(),
-        "command": sys.argv[1:] if sys.argv else None,
+        "data_root": data_root, **nulls, "error": error, "memory": {**nulls["memory"], "max_memory_bytes": max_memory},
+        "log": None, "git": git_state(), "command": sys.argv[1:] if sys.argv else None,
     })
     record.update(extra or {})
     return record
@@ -245,11 +219,8 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
     with tempfile.TemporaryDirectory(prefix="milbench-run-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         progress_path = Path(tmp) / "progress.json"
-        spec_path.write_text(json.dumps({
-            "method": plan.method, "dataset": plan.dataset, "config": plan.config, "seed": plan.seed,
-            "device": device, "data_root": data_root, "artifact_dir": str(artifact_dir),
-            "max_memory_bytes": max_memory, "progress_path": str(progress_path),
-        }))
+        spec_path.write_text(ChildSpec(plan.method, plan.dataset, plan.config, plan.seed, device, data_root,
+                                       str(artifact_dir), max_memory, str(progress_path)).to_json())
         t0 = time.perf_counter()
         outcome, error = None, None
         show = RunProgress(progress_path, plan.config.get("epochs"), enabled=False if quiet else None)
@@ -280,8 +251,7 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
                 child = json.loads(result_path.read_text())
             except ValueError:
                 child = {}
-    for key in ("metrics", "timing", "memory", "history", "data", "error", "error_kind", "traceback", "best_epoch", "stopped_early",
-                "artifacts"):
+    for key in CHILD_FIELDS:
         if child.get(key) is not None:
             record[key] = child[key]
     record["environment"] = {**host_environment(), **(child.get("environment") or {})}
@@ -299,7 +269,7 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
             " (possibly out of memory)" if code == -signal.SIGKILL else "")
     record["timing"] = {**(record.get("timing") or {}), "wall_s": wall}
     record["exit_code"] = code
-    record["memory"] = {**_NULL_MEMORY, **(record.get("memory") or {}), "max_memory_bytes": max_memory}
+    record["memory"] = {**dict.fromkeys(NULL_MEMORY_KEYS), **(record.get("memory") or {}), "max_memory_bytes": max_memory}
     if not (artifact_dir.exists() and any(artifact_dir.iterdir())):
         record.pop("artifacts", None)
     elif isinstance(record.get("artifacts"), dict):

@@ -18,6 +18,7 @@ import torch
 
 from milbench.api import Bag, LazyBag, Method, Prediction, RunContext, Splits
 from milbench.measure import PhaseTimer
+from milbench.errors import first_line
 from milbench.metrics import bag_auc, bag_bce, evaluate
 from milbench.protocol import Selection, lr_factor
 
@@ -154,7 +155,7 @@ def test_metrics(method: Method, model: torch.nn.Module, splits: Splits, config:
             metrics[name] = metric.fn(preds, splits.test)
         except Exception as exc:  # a third-party metric must not lose the run
             metrics[name] = None
-            metrics.setdefault("metric_errors", {})[name] = f"{type(exc).__name__}: {exc}"
+            metrics.setdefault("metric_errors", {})[name] = first_line(exc)
     return metrics, preds
 
 

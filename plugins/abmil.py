@@ -7,10 +7,14 @@ the memory-saving methods (grad-accum, sampled) are measured against.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from milbench.api import Bag, DataSpec, Method, Prediction, RunContext, hookimpl
-from milbench.models.attention_mil import ATTENTION_MIL_PARAMS, PAPER_MODEL
+# ATTENTION_MIL_PARAMS and PAPER_MODEL come from a torch-free module: importing them here keeps
+# registration free of torch (the model code is imported inside the methods below).
+from milbench.api import ATTENTION_MIL_PARAMS, PAPER_MODEL, Bag, DataSpec, Method, Prediction, RunContext, hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover
+    from milbench.api import AttentionMIL
 
 
 class ABMIL(Method):
@@ -22,27 +26,27 @@ class ABMIL(Method):
 
     def check(self, config: Mapping[str, Any]) -> None:
         """An instance too small for the encoder is a one-line error in the parent, not a crash mid-run."""
-        from milbench.models.attention_mil import check_geometry
+        from milbench.api import check_geometry
 
         check_geometry(config, self.name)
 
-    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
-        from milbench.models.attention_mil import build_attention_mil
+    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext) -> AttentionMIL:
+        from milbench.api import build_attention_mil
 
         return build_attention_mil(spec, config)
 
-    def backward(self, model, bag: Bag, config: Mapping[str, Any]) -> float:
-        from milbench.models.attention import bag_loss
+    def backward(self, model: AttentionMIL, bag: Bag, config: Mapping[str, Any]) -> float:
+        from milbench.api import bag_loss
 
         logit, _ = model(bag.instances)
         loss = bag_loss(logit, bag.label)
         loss.backward()
         return float(loss.detach())
 
-    def predict(self, model, bag: Bag, config: Mapping[str, Any]) -> Prediction:
+    def predict(self, model: AttentionMIL, bag: Bag, config: Mapping[str, Any]) -> Prediction:
         import torch
 
-        from milbench.models.attention import attention_scores
+        from milbench.api import attention_scores
 
         logit, a = model(bag.instances)
         prob = float(torch.sigmoid(logit))
@@ -50,5 +54,5 @@ class ABMIL(Method):
 
 
 @hookimpl
-def milbench_register_methods(register):
+def milbench_register_methods(register: Callable[[Method], None]) -> None:
     register(ABMIL())

@@ -5,7 +5,7 @@ Per bag: a no-grad encoder pass over chunks of ``chunk_size`` instances gives
 the features H (N × D); the attention head and the loss run once on H as a
 leaf, and one backward gives the head's gradients and dL/dH; then each chunk
 is recomputed with autograd and back-propagated with its slice of dL/dH (see
-:mod:`milbench.models.chunked`). The parameter gradients equal abmil's on the
+``chunked_backward`` in :mod:`milbench.api`). The parameter gradients equal abmil's on the
 same bag and weights up to float rounding; the price is one extra encoder
 forward per bag.
 
@@ -22,10 +22,15 @@ the head runs once per bag exactly as in abmil.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from milbench.api import Bag, DataSpec, Method, Param, Prediction, RunContext, hookimpl
-from milbench.models.attention_mil import ATTENTION_MIL_PARAMS, PAPER_MODEL
+# ATTENTION_MIL_PARAMS and PAPER_MODEL come from a torch-free module: importing them here keeps
+# registration free of torch (the model code is imported inside the methods below).
+from milbench.api import (ATTENTION_MIL_PARAMS, PAPER_MODEL, Bag, ConfigError, DataSpec, Method, Param, Prediction,
+                          RunContext, hookimpl)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from milbench.api import AttentionMIL
 
 PARAMS: dict[str, Param] = {
     **ATTENTION_MIL_PARAMS,
@@ -48,21 +53,16 @@ class GradAccumABMIL(Method):
 
     def check(self, config: Mapping[str, Any]) -> None:
         """Refuse configs whose chunked gradient would silently differ from abmil's."""
-        from milbench.errors import ConfigError
-
-        from milbench.models.attention_mil import check_geometry
+        from milbench.api import check_geometry
 
         if config.get("norm") == "batch":
             raise ConfigError("grad-accum cannot use norm='batch': training-mode batch norm computes statistics "
                               "per chunk, so gradients would not equal abmil's; use norm='frozen', 'group' or 'none'")
         check_geometry(config, self.name)
 
-    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
+    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext) -> AttentionMIL:
         """abmil's model (same builder, same init under the seed), checked for chunk-exactness."""
-        from milbench.errors import ConfigError
-        from milbench.models.attention_mil import build_attention_mil
-        from milbench.models.chunked import random_layers
-        from milbench.models.norms import require_batch_independent
+        from milbench.api import build_attention_mil, random_layers, require_batch_independent
 
         self.check(config)
         model = build_attention_mil(spec, config)
@@ -73,20 +73,18 @@ class GradAccumABMIL(Method):
                               "per-chunk masks would not equal a whole-bag pass; use an encoder without them")
         return model
 
-    def backward(self, model, bag: Bag, config: Mapping[str, Any]) -> float:
-        from milbench.models.attention import bag_loss
-        from milbench.models.chunked import chunked_backward
+    def backward(self, model: AttentionMIL, bag: Bag, config: Mapping[str, Any]) -> float:
+        from milbench.api import bag_loss, chunked_backward
 
         loss, _, _ = chunked_backward(model.encoder, model.head, bag.lazy_instances,
                                       lambda logit: bag_loss(logit, bag.label), config["chunk_size"])
         return float(loss)
 
-    def predict(self, model, bag: Bag, config: Mapping[str, Any]) -> Prediction:
+    def predict(self, model: AttentionMIL, bag: Bag, config: Mapping[str, Any]) -> Prediction:
         """abmil's prediction, with the encoder run chunk by chunk (same memory bound as training)."""
         import torch
 
-        from milbench.models.attention import attention_scores
-        from milbench.models.chunked import encode_chunks
+        from milbench.api import attention_scores, encode_chunks
 
         logit, a = model.head(encode_chunks(model.encoder, bag.lazy_instances, config["chunk_size"]))
         prob = float(torch.sigmoid(logit))
@@ -94,5 +92,5 @@ class GradAccumABMIL(Method):
 
 
 @hookimpl
-def milbench_register_methods(register):
+def milbench_register_methods(register: Callable[[Method], None]) -> None:
     register(GradAccumABMIL())

@@ -2,8 +2,8 @@
 
 Imagenette is fastai's 10-class subset of ImageNet. This dataset reads the
 official folder layouts users download — ``imagenette2-160``,
-``imagenette2-320``, ``imagenette2`` (full size) — and the 224 px copy in
-``../shared/data`` (``imagenette2-224``), all ``<dir>/train/<wnid>/*.JPEG`` and
+``imagenette2-320``, ``imagenette2`` (full size) — and a 224 px copy
+(``imagenette2-224``, the shorter side resized to 224 from the full-size release), all ``<dir>/train/<wnid>/*.JPEG`` and
 ``<dir>/val/<wnid>/*.JPEG`` (``noisy_imagenette.csv`` optional). Data roots are
 searched in the usual order (``--data-root``, ``$MILBENCH_DATA_ROOT``, the user
 cache); with nothing found and no explicit root it falls back to the sample
@@ -14,7 +14,7 @@ train folder, whose images are first cut (per class, seeded) into disjoint
 train and val pools; test bags come from the val folder only. So no two splits
 share a source image. Bag label = the bag holds at least one image of
 ``key_class`` (golf ball, ``n03445777``, by default); bags are balanced, seeded
-and deterministic (:mod:`milbench.data.bags`).
+and deterministic (milbench's pooled bags: ``PooledBags``/``plan_bags`` in :mod:`milbench.api`).
 
 Images are decoded with torchvision once per run (only those some bag uses),
 resized so the shorter side is ``instance_size`` (antialiased), centre-cropped,
@@ -33,9 +33,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from milbench.api import DataSpec, Dataset, DataStatus, Param, Splits, hookimpl
+from milbench.api import DataSpec, Dataset, DataStatus, Param, Splits, bag_params, hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
 
 #: The ten Imagenette classes: wnid -> human name.
 CLASSES: dict[str, str] = {
@@ -60,7 +64,7 @@ EXPECTED: dict[str, dict[str, int]] = {
             "n03394916": 394, "n03417042": 389, "n03425413": 419, "n03445777": 399, "n03888257": 390},
 }
 #: sha256 of ``find . -name '*.JPEG' | sort | xargs sha256sum`` for copies whose bytes are known
-#: (the 224 px copy described in ../shared/data/README.md).
+#: (the 224 px copy our build machines hold; other copies are checked by counts and decoding).
 TREE_SHA256 = {"imagenette2-224": "2fae9bb900954e21c558f947f747fd093d4f78438905757f7ff75d9e32636db7"}
 BASE_URL = "https://s3.amazonaws.com/fast-ai-imageclas"
 DOWNLOADABLE = ("imagenette2-160", "imagenette2-320", "imagenette2")
@@ -186,7 +190,7 @@ def find_layouts(data_root: str | None, variant: str = "auto", instance_size: in
 
     A root may also *be* a layout (``--data-root ~/data/imagenette2-160``).
     """
-    from milbench.data.roots import candidate_roots
+    from milbench.api import candidate_roots
 
     names = variant_order(instance_size) if variant == "auto" else [variant]
     roots = candidate_roots(data_root)
@@ -217,7 +221,7 @@ def select_layout(data_root: str | None, variant: str, instance_size: int) -> La
     root and asked for no specific variant: an explicit request that cannot be honoured
     must fail loudly rather than quietly train on 735 images.
     """
-    from milbench.errors import DataError
+    from milbench.api import DataError
 
     if variant == "sample":
         lay = sample_layout()
@@ -243,7 +247,7 @@ def select_layout(data_root: str | None, variant: str, instance_size: int) -> La
 
 def resolve_key_class(value: str) -> str:
     """A wnid from a wnid or a class name like ``golf_ball``; one-line ConfigError otherwise."""
-    from milbench.errors import ConfigError, did_you_mean
+    from milbench.api import ConfigError, did_you_mean
 
     v = str(value).strip()
     if v in CLASSES:
@@ -257,7 +261,7 @@ def resolve_key_class(value: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_torchvision():
+def _quiet_torchvision() -> Iterator[None]:
     """Silence torchvision 0.29's per-call notice that TorchCodec will take over image
     decoding: the decoder still works, and thousands of identical warnings would drown
     real ones. Entered once around a batch (from the calling thread), not per image."""
@@ -271,7 +275,7 @@ def _decode(path: Path, size: int | None) -> "Any":
     import torchvision.transforms.v2.functional as F
     from torchvision.io import ImageReadMode, decode_image
 
-    from milbench.errors import DataError
+    from milbench.api import DataError
 
     try:
         x = decode_image(str(path), mode=ImageReadMode.RGB)
@@ -308,7 +312,7 @@ def decode_many(paths: list[Path], size: int | None) -> list[Any]:
             return list(pool.map(lambda p: _decode(p, size), paths))
 
 
-def _seeded(seed: int, stream: int):
+def _seeded(seed: int, stream: int) -> "np.random.Generator":
     """An independent numpy generator per purpose (pool split, each split's bags)."""
     import numpy as np
 
@@ -334,21 +338,19 @@ def split_train_folder(labels: "Any", indices: "Any", val_fraction: float, seed:
 class ImagenetteBags(Dataset):
     name = "imagenette"
     description = "bags of Imagenette photos (10-class ImageNet subset); positive iff the bag holds the key class"
+    variants = DOWNLOADABLE
     params = {
-        "bag_size": Param(10, int, "instances per bag (the mean when bag_size_std > 0)", low=1),
-        "bag_size_std": Param(0.0, float, "std of a Gaussian bag size around bag_size (0: fixed; Ilse et al. sample it)",
-                              low=0),
-        "instance_size": Param(64, int, "instance side in pixels (shorter side resized, centre crop)", low=8, high=1024),
-        "key_fraction": Param(0.3, float, "share of key-class images in a positive bag", low=0, high=1, low_open=True),
+        **bag_params(bag_size=10, instance_size=64, key_fraction=0.3, max_instance_size=1024, help={
+            "bag_size_std": "std of a Gaussian bag size around bag_size (0: fixed; Ilse et al. sample it)",
+            "instance_size": "instance side in pixels (shorter side resized, centre crop)",
+            "key_fraction": "share of key-class images in a positive bag",
+            "n_test_bags": "held-out test bags (from the val folder)"}),
         "key_class": Param(GOLF_BALL, str, "the class that makes a bag positive: a wnid or a name like golf_ball",
                            choices=tuple(CLASSES) + tuple(NAME_TO_WNID)),
         "variant": Param("auto", str, "which copy to read; auto: the smallest found that is >= instance_size",
                          choices=("auto", *VARIANTS, "sample")),
         "val_fraction": Param(0.15, float, "share of the train folder held out (per class) for validation bags",
                               low=0, high=0.9, low_open=True),
-        "n_train_bags": Param(200, int, "training bags", low=1),
-        "n_val_bags": Param(50, int, "validation bags (checkpoint selection)", low=1),
-        "n_test_bags": Param(100, int, "held-out test bags (from the val folder)", low=1),
     }
     # CPU default: 64 px, bags of 10 with 30 % golf balls; this dataset's learning rate for every
     # method: AdamW at 3e-4 (measured on the shipped sample, abmil, seed 0, 10 epochs, 4 bags per
@@ -365,7 +367,7 @@ class ImagenetteBags(Dataset):
     smoke = {"instance_size": 32, "bag_size": 4, "n_train_bags": 8, "n_val_bags": 4, "n_test_bags": 8}
     augmentation = "per photo: horizontal flip, contrast +-20%, brightness +-0.2 std"
 
-    def augment(self, instances, generator):
+    def augment(self, instances: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
         """The usual photo augmentations that keep the class (no vertical flips: photos have an up)."""
         from milbench.api import color_jitter, random_flips
 
@@ -388,7 +390,7 @@ class ImagenetteBags(Dataset):
                         instance_classes=("other", CLASSES[cfg["key_class"]]), key_class=1)
 
     # -- milbench data -------------------------------------------------------------------------
-    def status(self, data_root: str | None) -> DataStatus:
+    def status(self, data_root: str | None, overrides: Sequence[str] = ()) -> DataStatus:
         """Count files per class folder in each root (no decoding), as ``milbench data`` shows."""
         search = find_layouts(data_root)
         if search.chosen:
@@ -416,7 +418,7 @@ class ImagenetteBags(Dataset):
 
         import numpy as np
 
-        from milbench.errors import DataError
+        from milbench.api import DataError
 
         search = find_layouts(data_root)
         if search.chosen:
@@ -475,16 +477,16 @@ class ImagenetteBags(Dataset):
                             f"{', '.join(bad_images[:3])}; re-extract or re-download ('{FETCH}')")
         return problems
 
-    def download(self, data_root: str, variant: str = "imagenette2-160") -> None:
+    def download(self, data_root: str, variant: str | None = None) -> None:
         """Fetch an official archive (``imagenette2-160`` by default; ``imagenette2-320`` and
         ``imagenette2`` too) into ``data_root``, extract it safely and check it is complete.
 
         An archive already at ``<root>/<variant>.tgz`` (copied there by hand on an offline
         machine) is extracted without downloading. Failures are one-line DataErrors.
         """
-        from milbench.data.download import fetch
-        from milbench.errors import DataError
+        from milbench.api import DataError, fetch
 
+        variant = variant or "imagenette2-160"
         if variant not in DOWNLOADABLE:
             raise DataError(f"cannot download imagenette variant '{variant}'; downloadable: {', '.join(DOWNLOADABLE)}")
         root = Path(data_root).expanduser()
@@ -530,7 +532,7 @@ class ImagenetteBags(Dataset):
         import numpy as np
         import torch
 
-        from milbench.data.bags import PooledBags, ids_hash, plan_bags
+        from milbench.api import PooledBags, ids_hash, plan_bags
 
         cfg = self._config(config)
         size = cfg["instance_size"]
@@ -582,5 +584,5 @@ class ImagenetteBags(Dataset):
 
 
 @hookimpl
-def milbench_register_datasets(register):
+def milbench_register_datasets(register: Callable[[Dataset], None]) -> None:
     register(ImagenetteBags())

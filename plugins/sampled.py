@@ -19,7 +19,7 @@ Prediction (``predict``):
 
 ``instance_scores`` are, in both modes, the attention of the head over the
 *whole* bag (normalised by its maximum, times ``bag_prob``; see
-:func:`milbench.models.attention.attention_scores`): every instance gets a
+``attention_scores`` in :mod:`milbench.api`): every instance gets a
 score even if no vote sample drew it, and it uses features already computed.
 ``Prediction.extra`` says which mode ran, T, s, the full-bag probability and
 the mean probability over the vote samples.
@@ -36,13 +36,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from milbench.api import Bag, DataSpec, Method, Param, Prediction, RunContext, hookimpl
-from milbench.models.attention_mil import ATTENTION_MIL_PARAMS, PAPER_MODEL
+# ATTENTION_MIL_PARAMS and PAPER_MODEL come from a torch-free module: importing them here keeps
+# registration free of torch (the model code is imported inside the methods below).
+from milbench.api import (ATTENTION_MIL_PARAMS, PAPER_MODEL, Bag, DataSpec, Method, Param, Prediction, RunContext,
+                          hookimpl)
 
 if TYPE_CHECKING:  # annotations only: this module must not import torch at registration
     import torch
+
+    from milbench.api import AttentionMIL
 
 PARAMS: dict[str, Param] = {
     **ATTENTION_MIL_PARAMS,
@@ -70,7 +74,7 @@ def default_vote_samples(n: int, s: int) -> int:
     return max(1, math.ceil(round(10 * n / s, 9)))
 
 
-def draw(n: int, s: int, replacement: bool, generator) -> "torch.Tensor":
+def draw(n: int, s: int, replacement: bool, generator: "torch.Generator") -> "torch.Tensor":
     """``s`` indices into ``range(n)`` from ``generator`` (CPU): uniform with
     replacement, or ``s`` distinct ones without."""
     import torch
@@ -97,11 +101,11 @@ class SampledABMIL(Method):
 
     def check(self, config: Mapping[str, Any]) -> None:
         """An instance too small for the encoder is a one-line error in the parent, not a crash mid-run."""
-        from milbench.models.attention_mil import check_geometry
+        from milbench.api import check_geometry
 
         check_geometry(config, self.name)
 
-    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
+    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext) -> AttentionMIL:
         """abmil's model, carrying its own sample generator seeded from the run seed.
 
         The generator lives on the model (a plain attribute: not a parameter,
@@ -111,20 +115,20 @@ class SampledABMIL(Method):
         """
         import torch
 
-        from milbench.models.attention_mil import build_attention_mil
+        from milbench.api import build_attention_mil
 
         model = build_attention_mil(spec, config)
         model.sample_generator = torch.Generator(device="cpu").manual_seed(_seed_for(ctx.seed, _TRAIN_STREAM))
         model.sample_seed = int(ctx.seed)
         return model
 
-    def sample(self, model, n: int, config: Mapping[str, Any]) -> "torch.Tensor":
+    def sample(self, model: AttentionMIL, n: int, config: Mapping[str, Any]) -> "torch.Tensor":
         """The next training draw for a bag of ``n`` instances (CPU indices)."""
         s = sample_size(n, config["sample_fraction"])
         return draw(n, s, config["sample_replacement"], model.sample_generator)
 
-    def backward(self, model, bag: Bag, config: Mapping[str, Any]) -> float:
-        from milbench.models.attention import bag_loss
+    def backward(self, model: AttentionMIL, bag: Bag, config: Mapping[str, Any]) -> float:
+        from milbench.api import bag_loss
 
         x = bag.lazy_instances  # a lazy bag reads only the drawn instances
         idx = self.sample(model, len(bag), config).to(x.device)
@@ -133,7 +137,7 @@ class SampledABMIL(Method):
         loss.backward()
         return float(loss.detach())
 
-    def vote_indices(self, model, bag: Bag, config: Mapping[str, Any]) -> "torch.Tensor":
+    def vote_indices(self, model: AttentionMIL, bag: Bag, config: Mapping[str, Any]) -> "torch.Tensor":
         """The T × s index matrix of a vote, fixed by the run seed and the bag id."""
         import torch
 
@@ -144,11 +148,10 @@ class SampledABMIL(Method):
         gen = torch.Generator(device="cpu").manual_seed(_seed_for(model.sample_seed, _VOTE_STREAM, key))
         return torch.stack([draw(n, s, config["sample_replacement"], gen) for _ in range(t)])
 
-    def predict(self, model, bag: Bag, config: Mapping[str, Any]) -> Prediction:
+    def predict(self, model: AttentionMIL, bag: Bag, config: Mapping[str, Any]) -> Prediction:
         import torch
 
-        from milbench.models.attention import attention_scores
-        from milbench.models.chunked import encode_chunks
+        from milbench.api import attention_scores, encode_chunks
 
         n = len(bag)
         s = sample_size(n, config["sample_fraction"])
@@ -168,5 +171,5 @@ class SampledABMIL(Method):
 
 
 @hookimpl
-def milbench_register_methods(register):
+def milbench_register_methods(register: Callable[[Method], None]) -> None:
     register(SampledABMIL())

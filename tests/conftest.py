@@ -24,6 +24,9 @@ SHARED_DATA = Path(os.environ.get("MILBENCH_DATA_ROOT") or REPO.parent / "shared
 if os.environ.get("MILBENCH_DATA_ROOT"):
     # child processes (and code that reads the variable itself) see the same absolute root
     os.environ["MILBENCH_DATA_ROOT"] = str(SHARED_DATA)
+_NO_MNIST = f"real data not found at {SHARED_DATA} (set MILBENCH_DATA_ROOT)"
+#: Marks a test that reads the real MNIST files (skipped where they are absent).
+needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason=_NO_MNIST)
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +42,7 @@ def _fresh_registry(monkeypatch):
 @pytest.fixture
 def data_root() -> Path:
     if not (SHARED_DATA / "MNIST").exists():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set MILBENCH_DATA_ROOT)")
+        pytest.skip(_NO_MNIST)
     return SHARED_DATA
 
 

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from milbench.api import Dataset, DataStatus, hookimpl
-from milbench.data_cli import data_group
+from milbench.commands.data import data_group
 from milbench.errors import DataError, MilbenchError
 from milbench.plugins import load_registry
 
@@ -203,7 +203,7 @@ def test_through_the_milbench_entry_point(monkeypatch, tmp_path, capsys):
 
 
 def test_importing_the_group_does_not_import_torch():
-    code = "import sys, milbench.data_cli; print('torch' in sys.modules)"
+    code = "import sys, milbench.commands.data; print('torch' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False"

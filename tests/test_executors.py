@@ -23,16 +23,14 @@ import pytest
 
 from milbench import sweep as sw
 from milbench.errors import MilbenchError
-from milbench.executors import LocalExecutor, make_executor
+from milbench.sweep.executors import LocalExecutor, make_executor
 from milbench.records import iter_records
 
-from conftest import SHARED_DATA  # noqa: E402  (the one home of the data root)
+from conftest import SHARED_DATA, needs_mnist as needs_data  # noqa: E402  (the one home of the data root)
 
 DATA = str(SHARED_DATA)
 HAS_SUBMITIT = importlib.util.find_spec("submitit") is not None
 HAS_RAY = importlib.util.find_spec("ray") is not None
-needs_data = pytest.mark.skipif(not (Path(DATA) / "MNIST").exists(),
-                                reason=f"MNIST files not found under {DATA} (set MILBENCH_DATA_ROOT)")
 needs_submitit = pytest.mark.skipif(not HAS_SUBMITIT, reason="submitit not installed: pip install 'milbench[slurm]'")
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="ray not installed: pip install 'milbench[ray]'")
 
@@ -99,7 +97,7 @@ def ray_session(env):
 
 
 def _submitit(folder: Path, **kw):
-    from milbench.executors import SubmititExecutor
+    from milbench.sweep.executors import SubmititExecutor
 
     return SubmititExecutor(folder / ".submitit", "local", **kw)
 
@@ -148,7 +146,7 @@ def test_submitit_job_array_matches_local(local_records, tmp_path):
 @needs_ray
 @pytest.mark.slow
 def test_ray_tasks_match_local(local_records, ray_session, tmp_path):
-    from milbench.executors import RayExecutor
+    from milbench.sweep.executors import RayExecutor
 
     result = run(RayExecutor(cpus=1), tmp_path)
     assert result.counts() == {"ok": 4}
@@ -193,7 +191,7 @@ def test_point_failing_on_the_engine_becomes_a_failed_record(engine, env, monkey
         pytest.skip("submitit not installed: pip install 'milbench[slurm]'")
     if engine == "ray":
         request.getfixturevalue("ray_session")
-    from milbench.executors import RayExecutor
+    from milbench.sweep.executors import RayExecutor
 
     pts = points()[:1]  # planned by the driver, which has abmil
     _lose_abmil(monkeypatch)
@@ -258,7 +256,7 @@ def test_slurm_preemption_is_recorded_and_retried_once(env, tmp_path):
 @pytest.mark.slow
 def test_cancel_stops_running_ray_tasks_with_interrupted_records(env, ray_session, tmp_path):
     """Ctrl-C's path: cancel what was submitted; running points record ``interrupted``, queued ones nothing."""
-    from milbench.executors import RayExecutor
+    from milbench.sweep.executors import RayExecutor
 
     ex = RayExecutor(cpus=1)
     tasks = sw.make_tasks(points()[:3], tmp_path, "ray", device="cpu", sweep={"id": SPEC.sweep_id})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -12,15 +11,18 @@ import numpy as np
 import pytest
 
 from milbench.config import resolve
-from milbench.data import sections as S
 from milbench.errors import ConfigError, DataError
+from milbench_plugins.mouse_brain.class_maps import (BACKGROUND, CLASS_NAMES, GENE_A, GENE_B, TISSUE, LabelRule,
+                                                     load_section_maps, prepare_section)
+from milbench_plugins.mouse_brain.section import (CA1_SHA256, EMBEDDED, RENDER_BOUNDARY, RENDER_INTERIOR, Section,
+                                                  SpotColumns, file_sha256, locate_section, read_label_image,
+                                                  read_section)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 
 mb = importlib.import_module("milbench_plugins.mouse_brain")
-RULE = S.LabelRule("Plp1", "Neurod6")
+RULE = LabelRule("Plp1", "Neurod6")
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +31,19 @@ def ca1_dir() -> Path:
     root = os.environ.get("MILBENCH_DATA_ROOT")
     if root and (Path(root) / "mouse-brain-ca1" / "spots.csv").is_file():
         return Path(root) / "mouse-brain-ca1"
-    if (mb.EMBEDDED / "spots.csv").is_file():
-        return mb.EMBEDDED
+    if (EMBEDDED / "spots.csv").is_file():
+        return EMBEDDED
     pytest.skip("real CA1 files not found: set MILBENCH_DATA_ROOT to a root holding mouse-brain-ca1/")
 
 
 @pytest.fixture(scope="module")
 def ca1_section(ca1_dir):
-    return S.read_section(ca1_dir)
+    return read_section(ca1_dir)
 
 
 @pytest.fixture(scope="module")
 def ca1_maps(ca1_dir):
-    return S.load_section_maps(ca1_dir, S.SpotColumns(), 0.25, RULE)
+    return load_section_maps(ca1_dir, SpotColumns(), 0.25, RULE)
 
 
 @pytest.fixture()
@@ -62,10 +64,10 @@ def config(**over):
 
 
 def test_embedded_copy_is_the_ca1_section_with_notice(ca1_dir):
-    for name, digest in mb.CA1_SHA256.items():
-        assert mb._sha256(mb.EMBEDDED / name) == digest
-        assert mb._sha256(ca1_dir / name) == digest
-    notice = (mb.EMBEDDED / "NOTICE").read_text()
+    for name, digest in CA1_SHA256.items():
+        assert file_sha256(EMBEDDED / name) == digest
+        assert file_sha256(ca1_dir / name) == digest
+    notice = (EMBEDDED / "NOTICE").read_text()
     assert "BSD" in notice and "MIT License" not in notice and "acycliq/pciSeq" in notice and "Qian" in notice
 
 
@@ -76,7 +78,7 @@ KNOWN_SPOTS = [(181, "Plp1", 49, 4558, 17), (30354, "Plp1", 1725, 1406, 969),
 
 
 def test_known_spots_land_on_their_cells(ca1_dir, ca1_section):
-    labels = S.read_label_image(ca1_dir / "label_image.coo.npz").tocsr()
+    labels = read_label_image(ca1_dir / "label_image.coo.npz").tocsr()
     for row, gene, x, y, cell in KNOWN_SPOTS:
         assert ca1_section.genes[row] == gene
         assert (ca1_section.x[row], ca1_section.y[row]) == (x, y)
@@ -105,10 +107,10 @@ def test_most_spots_lie_on_or_near_a_nucleus(ca1_section):
 def test_rendered_image_shows_nuclei_and_boundaries(ca1_section):
     img, nuc = ca1_section.image, ca1_section.nuclei
     assert img.dtype == np.float32 and img.shape == (5471, 7602)
-    assert set(np.unique(img[::7, ::7]).tolist()) <= {0.0, S.RENDER_BOUNDARY, S.RENDER_INTERIOR}
+    assert set(np.unique(img[::7, ::7]).tolist()) <= {0.0, RENDER_BOUNDARY, RENDER_INTERIOR}
     assert (img[~nuc] == 0).all()
     inside = img[nuc]
-    assert 0.05 < (inside == S.RENDER_BOUNDARY).mean() < 0.4  # a ring per nucleus, not the whole nucleus
+    assert 0.05 < (inside == RENDER_BOUNDARY).mean() < 0.4  # a ring per nucleus, not the whole nucleus
     assert ca1_section.image_rendered and ca1_section.n_clipped == 6  # six spots at x = -1
 
 
@@ -133,21 +135,21 @@ def test_class_map_follows_the_documented_rule(ca1_maps):
     px = np.floor(m.spot_x) + 0.5
     py = np.floor(m.spot_y) + 0.5
     rng = np.random.default_rng(1)
-    tissue_pixels = np.argwhere(m.classes != S.BACKGROUND)
+    tissue_pixels = np.argwhere(m.classes != BACKGROUND)
     for y, x in tissue_pixels[rng.choice(len(tissue_pixels), 150, replace=False)]:
         d = {}
-        for cls in (S.GENE_A, S.GENE_B):
+        for cls in (GENE_A, GENE_B):
             sel = m.spot_class == cls
             r2 = (px[sel] - (x + 0.5)) ** 2 + (py[sel] - (y + 0.5)) ** 2
             d[cls] = np.exp(-r2 / (2 * sigma ** 2)).sum()
-            assert d[cls] == pytest.approx(float((m.density_a if cls == S.GENE_A else m.density_b)[y, x]),
+            assert d[cls] == pytest.approx(float((m.density_a if cls == GENE_A else m.density_b)[y, x]),
                                            rel=2e-2, abs=2e-2)
-        expect = S.TISSUE
-        if d[S.GENE_A] >= RULE.min_density and d[S.GENE_A] > d[S.GENE_B]:
-            expect = S.GENE_A
-        elif d[S.GENE_B] >= RULE.min_density and d[S.GENE_B] >= d[S.GENE_A]:
-            expect = S.GENE_B
-        margin = abs(d[S.GENE_A] - d[S.GENE_B]) > 0.05 and min(abs(d[S.GENE_A] - 2), abs(d[S.GENE_B] - 2)) > 0.05
+        expect = TISSUE
+        if d[GENE_A] >= RULE.min_density and d[GENE_A] > d[GENE_B]:
+            expect = GENE_A
+        elif d[GENE_B] >= RULE.min_density and d[GENE_B] >= d[GENE_A]:
+            expect = GENE_B
+        margin = abs(d[GENE_A] - d[GENE_B]) > 0.05 and min(abs(d[GENE_A] - 2), abs(d[GENE_B] - 2)) > 0.05
         if margin:  # away from a decision boundary, float noise cannot flip the class
             assert m.classes[y, x] == expect
 
@@ -156,8 +158,8 @@ def test_background_is_far_from_nuclei_and_spots(ca1_maps):
     m = ca1_maps
     r = RULE.tissue_radius * 0.25
     for y, x in zip(np.floor(m.spot_y).astype(int)[::97], np.floor(m.spot_x).astype(int)[::97]):
-        assert m.classes[y, x] != S.BACKGROUND
-    bg = np.argwhere(m.classes == S.BACKGROUND)
+        assert m.classes[y, x] != BACKGROUND
+    bg = np.argwhere(m.classes == BACKGROUND)
     pts = np.stack([m.spot_y, m.spot_x], 1)
     for y, x in bg[np.random.default_rng(2).choice(len(bg), 50, replace=False)]:
         assert np.sqrt(((pts - [y + 0.5, x + 0.5]) ** 2).sum(1)).min() > r - 1.5
@@ -165,13 +167,13 @@ def test_background_is_far_from_nuclei_and_spots(ca1_maps):
 
 def test_default_genes_make_distinct_layers(ca1_maps):
     frac = np.bincount(ca1_maps.classes.ravel(), minlength=4) / ca1_maps.classes.size
-    assert 0.05 < frac[S.GENE_A] < 0.3 and 0.05 < frac[S.GENE_B] < 0.3 and frac[S.TISSUE] > 0.1
+    assert 0.05 < frac[GENE_A] < 0.3 and 0.05 < frac[GENE_B] < 0.3 and frac[TISSUE] > 0.1
     # Neurod6 lines the pyramidal layer: most of its spots are gene_b pixels, few are gene_a.
     yi, xi = np.floor(ca1_maps.spot_y).astype(int), np.floor(ca1_maps.spot_x).astype(int)
-    b = ca1_maps.spot_class == S.GENE_B
-    a = ca1_maps.spot_class == S.GENE_A
-    assert (ca1_maps.classes[yi[b], xi[b]] == S.GENE_B).mean() > 0.8
-    assert (ca1_maps.classes[yi[a], xi[a]] == S.GENE_A).mean() > 0.6
+    b = ca1_maps.spot_class == GENE_B
+    a = ca1_maps.spot_class == GENE_A
+    assert (ca1_maps.classes[yi[b], xi[b]] == GENE_B).mean() > 0.8
+    assert (ca1_maps.classes[yi[a], xi[a]] == GENE_A).mean() > 0.6
 
 
 # ------------------------------------------------------------------ splits
@@ -208,26 +210,26 @@ def test_region_bags_are_regions_with_majority_tile_labels(ca1_dir, ca1_maps):
         np.testing.assert_array_equal(bag.mask.numpy(), ca1_maps.classes[y:y + 128, x:x + 128])
         tiles = bag.mask.numpy().reshape(4, 32, 4, 32).transpose(0, 2, 1, 3).reshape(16, -1)
         assert [int(np.bincount(t, minlength=4).argmax()) for t in tiles] == bag.instance_labels.tolist()
-        a_frac = (bag.mask == S.GENE_A).float().mean().item()
+        a_frac = (bag.mask == GENE_A).float().mean().item()
         assert a_frac >= 0.25 if bag.label else a_frac < min(0.25, 0.5 / 16)
-        assert bag.key_class == S.GENE_A
+        assert bag.key_class == GENE_A
 
 
 def test_spot_bags_carry_spot_labels(ca1_dir, ca1_section):
     splits = mb.MouseBrain().load(config(n_train_bags=10, n_val_bags=2, n_test_bags=2), 0, str(ca1_dir.parent))
     spec = splits.spec
-    assert spec.n_classes == 4 and spec.instance_classes == S.CLASS_NAMES and spec.key_class == 1
+    assert spec.n_classes == 4 and spec.instance_classes == CLASS_NAMES and spec.key_class == 1
     assert sorted(b.label for b in splits.train) == [0] * 5 + [1] * 5
     for bag in splits.train:
-        n_a = int((bag.instance_labels == S.GENE_A).sum())
+        n_a = int((bag.instance_labels == GENE_A).sum())
         assert n_a == (4 if bag.label else 0)  # round(0.25 * 16)
         for iid, lab in zip(bag.instance_ids, bag.instance_labels.tolist()):
             kind = iid.split(":")[1]
             if kind.startswith("spot"):
                 gene = ca1_section.genes[int(kind[4:])]
-                assert lab == {"Plp1": S.GENE_A, "Neurod6": S.GENE_B}.get(gene, S.TISSUE)
+                assert lab == {"Plp1": GENE_A, "Neurod6": GENE_B}.get(gene, TISSUE)
             else:
-                assert kind.startswith("bg") and lab == S.BACKGROUND
+                assert kind.startswith("bg") and lab == BACKGROUND
         # the spot sits at pixel p // 2 of its patch: the centre of a 32 px patch is on tissue
         assert bag.mask.shape == (128, 128)
 
@@ -246,10 +248,10 @@ def test_load_is_deterministic_per_seed(ca1_dir):
 def test_embedded_copy_is_used_without_a_data_root(isolated_roots):
     ds = mb.MouseBrain()
     st = ds.status(None)
-    assert st.found and st.complete and Path(st.root) == mb.EMBEDDED
+    assert st.found and st.complete and Path(st.root) == EMBEDDED
     splits = ds.load(config(n_train_bags=2, n_val_bags=2, n_test_bags=2, bag_size=4), 0, None)
     assert splits.info["source"] == "embedded"
-    assert all(str(mb.EMBEDDED) in f for f in splits.info["files"])
+    assert all(str(EMBEDDED) in f for f in splits.info["files"])
 
 
 def test_config_errors_are_one_line(ca1_dir):
@@ -304,8 +306,8 @@ def dapi_crop(ca1_section, tmp_path_factory):
 def test_dapi_tiff_section_loads_like_the_rendered_one(ca1_section, dapi_crop):
     folder, sel = dapi_crop
     y0, y1, x0, x1 = CROP
-    cols = S.SpotColumns("target", "col_um", "row_um", 2.0)
-    sec = S.read_section(folder, cols)
+    cols = SpotColumns("target", "col_um", "row_um", 2.0)
+    sec = read_section(folder, cols)
     assert not sec.image_rendered and sec.shape == (y1 - y0, x1 - x0)
     np.testing.assert_allclose(sec.image, ca1_section.image[y0:y1, x0:x1], atol=1 / 65535)
     np.testing.assert_array_equal(sec.genes, ca1_section.genes[sel])
@@ -319,12 +321,12 @@ def test_dapi_tiff_section_loads_like_the_rendered_one(ca1_section, dapi_crop):
 def test_dapi_section_gives_the_same_class_map_inside_the_crop(ca1_section, dapi_crop):
     folder, sel = dapi_crop
     y0, y1, x0, x1 = CROP
-    cols = S.SpotColumns("target", "col_um", "row_um", 2.0)
-    crop_maps = S.prepare_section(S.read_section(folder, cols), 0.25, RULE)
+    cols = SpotColumns("target", "col_um", "row_um", 2.0)
+    crop_maps = prepare_section(read_section(folder, cols), 0.25, RULE)
     # the whole-section reference restricted to the crop's spots (densities near the crop edge differ otherwise)
-    ref = S.Section(ca1_section.image[y0:y1, x0:x1], ca1_section.nuclei[y0:y1, x0:x1], ca1_section.genes[sel],
-                    ca1_section.x[sel] - x0, ca1_section.y[sel] - y0, "ref", [], True)
-    ref_maps = S.prepare_section(ref, 0.25, RULE)
+    ref = Section(ca1_section.image[y0:y1, x0:x1], ca1_section.nuclei[y0:y1, x0:x1], ca1_section.genes[sel],
+                  ca1_section.x[sel] - x0, ca1_section.y[sel] - y0, "ref", [], True)
+    ref_maps = prepare_section(ref, 0.25, RULE)
     np.testing.assert_allclose(crop_maps.image, ref_maps.image, atol=1e-4)
     agree = (crop_maps.classes == ref_maps.classes).mean()
     assert agree > 0.998
@@ -387,54 +389,56 @@ def _one_line_error(exc_type, fn, *match):
 
 def test_spots_outside_the_image(tmp_path):
     f = _tiny_section(tmp_path / "s", "Gene,x,y\nPlp1,10,10\nNeurod6,450,20\n")
-    _one_line_error(DataError, lambda: S.read_section(f), "1 of 2 spots", "80x100 image", "Neurod6 at x=450")
+    _one_line_error(DataError, lambda: read_section(f), "1 of 2 spots", "80x100 image", "Neurod6 at x=450")
     # one pixel outside is rounding: clipped onto the edge and counted
     g = _tiny_section(tmp_path / "t", "Gene,x,y\nPlp1,-1,10\nNeurod6,99,79.5\n")
-    sec = S.read_section(g)
+    sec = read_section(g)
     assert sec.n_clipped == 2 and sec.x.min() == 0 and sec.y.max() == 79
 
 
 def test_unknown_gene_lists_close_matches(tmp_path):
     f = _tiny_section(tmp_path / "s", "Gene,x,y\nPlp1,10,10\nNeurod6,45,20\nNeurod1,4,2\n")
-    sec = S.read_section(f)
-    msg = _one_line_error(ConfigError, lambda: S.prepare_section(sec, 0.5, S.LabelRule("Neurod2", "Plp1")),
+    sec = read_section(f)
+    msg = _one_line_error(ConfigError, lambda: prepare_section(sec, 0.5, LabelRule("Neurod2", "Plp1")),
                           "gene_a 'Neurod2'", "close matches")
     assert "Neurod6" in msg and "Neurod1" in msg
-    _one_line_error(ConfigError, lambda: S.prepare_section(sec, 0.5, S.LabelRule("Plp1", "Xyz9")), "gene_b 'Xyz9'")
+    _one_line_error(ConfigError, lambda: prepare_section(sec, 0.5, LabelRule("Plp1", "Xyz9")), "gene_b 'Xyz9'")
 
 
 def test_empty_or_malformed_spots_table(tmp_path):
     f = _tiny_section(tmp_path / "s", "Gene,x,y\n")
-    _one_line_error(DataError, lambda: S.read_section(f), "has no rows")
+    _one_line_error(DataError, lambda: read_section(f), "has no rows")
     g = _tiny_section(tmp_path / "t", "gene,px,py\nPlp1,1,1\n")
-    _one_line_error(DataError, lambda: S.read_section(g), "no column 'Gene'", "columns: gene, px, py")
+    _one_line_error(DataError, lambda: read_section(g), "no column 'Gene'", "columns: gene, px, py")
     u = _tiny_section(tmp_path / "u", "Gene,x,y\nPlp1,one,1\n")
-    _one_line_error(DataError, lambda: S.read_section(u), "numeric x/y")
+    _one_line_error(DataError, lambda: read_section(u), "numeric x/y")
     h = _tiny_section(tmp_path / "v", "")
-    _one_line_error(DataError, lambda: S.read_section(h), "cannot read spots table")
+    _one_line_error(DataError, lambda: read_section(h), "cannot read spots table")
 
 
 def test_unreadable_or_blank_image(tmp_path):
     f = _tiny_section(tmp_path / "s", "Gene,x,y\nPlp1,1,1\n")
     (f / "nuclei.tif").write_bytes(b"this is not a tiff")
-    _one_line_error(DataError, lambda: S.read_section(f), "cannot read image", "nuclei.tif")
+    _one_line_error(DataError, lambda: read_section(f), "cannot read image", "nuclei.tif")
     g = _tiny_section(tmp_path / "t", "Gene,x,y\nPlp1,1,1\n", image=np.zeros((20, 20), np.float32))
-    _one_line_error(DataError, lambda: S.read_section(g), "blank")
+    _one_line_error(DataError, lambda: read_section(g), "blank")
     h = tmp_path / "u"
     shutil.copytree(f, h)
     (h / "nuclei.tif").unlink()
-    _one_line_error(DataError, lambda: S.read_section(h), "exactly one nuclei image")
-    _one_line_error(DataError, lambda: S.read_label_image(tmp_path / "missing.npz"), "cannot read label image")
-    _one_line_error(DataError, lambda: mb.locate_section("no-such-section", str(tmp_path)),
+    _one_line_error(DataError, lambda: read_section(h), "exactly one nuclei image")
+    _one_line_error(DataError, lambda: read_label_image(tmp_path / "missing.npz"), "cannot read label image")
+    _one_line_error(DataError, lambda: locate_section("no-such-section", str(tmp_path)),
                     "section 'no-such-section' not found")
 
 
 def test_plugin_module_does_not_import_torch():
+    """Registering the plugin (importing the package the entry point names) imports neither
+    torch nor the package's data modules; those load when a run builds its bags."""
     import subprocess
     import sys
 
-    code = ("import sys, importlib.util; sys.path.insert(0, %r); "
-            "spec = importlib.util.spec_from_file_location('m', %r); m = importlib.util.module_from_spec(spec); "
-            "spec.loader.exec_module(m); print('torch' in sys.modules)") % (str(ROOT), str(ROOT / "plugins" / "mouse_brain.py"))
+    code = ("import sys; import milbench_plugins.mouse_brain as m; "
+            "assert callable(m.milbench_register_datasets); "
+            "print('torch' in sys.modules, sorted(k for k in sys.modules if k.startswith(m.__name__ + '.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "False"
+    assert out == "False []"

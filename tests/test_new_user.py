@@ -180,7 +180,7 @@ def test_compare_of_two_folders_one_missing_names_it(tmp_path):
 def test_failed_download_removes_only_the_empty_folders_it_made(tmp_path, monkeypatch):
     import importlib
 
-    from milbench.data_cli import data_group
+    from milbench.commands.data import data_group
     from milbench.plugins import load_registry
 
     qm = importlib.import_module("milbench_plugins.qmnist")
@@ -213,6 +213,15 @@ def test_min_instance_size_is_exact_for_every_encoder(name):
                 cls(1, need - 1, feat_dim=8, norm="none")(torch.zeros(1, 1, need - 1, need - 1))
     if name == "lenet":
         assert need == 16  # conv5-pool2-conv5-pool2
+
+
+def test_encoder_registry_has_exactly_the_declared_names():
+    """The methods' ``encoder`` choices (torch-free names) and the encoder classes agree."""
+    pytest.importorskip("torch")
+    from milbench.models.encoders import _ENCODERS
+    from milbench.models.names import ENCODERS
+
+    assert tuple(_ENCODERS) == ENCODERS
 
 
 @pytest.mark.parametrize("method", ["abmil", "grad-accum", "sampled"])

@@ -13,6 +13,10 @@ import pytest
 from conftest import records_in, run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
+EXAMPLES = Path(__file__).parent.parent / "examples"
+#: The shipped Imagenette sample is an ImageFolder tree (train/<wnid>/*.JPEG): real images for the
+#: example dataset plugin; n03445777 is golf ball.
+IMAGE_TREE = Path(__file__).parent.parent / "plugins" / "data" / "imagenette-sample" / "train"
 BUILTINS = "abmil,qmnist"
 
 
@@ -32,15 +36,17 @@ def make_dist(site: Path, dist: str, entry_points: dict[str, str], modules: list
 
 @pytest.fixture(scope="module")
 def thirdparty_site(tmp_path_factory) -> Path:
-    """pip-install the example third-party plugin into a private target dir."""
+    """pip-install the README's two example plugins (examples/meanpool, a method, and
+    examples/image_folder, a dataset) into a private target dir, as a user would."""
     target = tmp_path_factory.mktemp("site")
-    src = tmp_path_factory.mktemp("src") / "pkg"
-    shutil.copytree(FIXTURES / "thirdparty_plugin", src)
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                           "--no-build-isolation", "--target", str(target), str(src)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert list(target.glob("milbench_meanpool-0.2.0.dist-info/entry_points.txt"))
+    for example, dist in (("meanpool", "milbench_meanpool-0.2.0"), ("image_folder", "milbench_image_folder-0.1.0")):
+        src = tmp_path_factory.mktemp("src") / example
+        shutil.copytree(EXAMPLES / example, src)
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                               "--no-build-isolation", "--target", str(target), str(src)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert list(target.glob(f"{dist}.dist-info/entry_points.txt"))
     return target
 
 
@@ -126,8 +132,34 @@ def test_help_does_not_import_torch():
     assert "run" in out.stdout and "report" in out.stdout
 
 
-def test_readme_plugin_example_is_the_tested_one():
-    """The README's third-party example is this test's fixture, verbatim."""
+def test_example_dataset_plugin_runs_with_builtin_and_thirdparty_methods(thirdparty_site, tmp_path):
+    """The example dataset reads a real image tree; a built-in method and the example
+    method both train on it, and a bad key_class is one line with the valid names."""
+    env = {"PYTHONPATH": str(thirdparty_site), "MILBENCH_PLUGINS": "abmil,meanpool,image-folder"}
+    listed = run_cli("list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "image-folder" in listed.stdout and "warning" not in listed.stderr
+    data = ["--set", f"folder={IMAGE_TREE}", "--set", "key_class=n03445777"]
+    for method in ("abmil", "meanpool"):
+        run = run_cli("run", "-m", method, "-d", "image-folder", "--smoke", *data, "--results", str(tmp_path), env=env)
+        assert run.returncode == 0, run.stdout + run.stderr
+    recs = {r["method"]: r for r in records_in(tmp_path)}
+    assert set(recs) == {"abmil", "meanpool"}
+    for rec in recs.values():
+        assert rec["status"] == "ok" and rec["data"]["source"] == "folder"
+        assert 0.0 <= rec["metrics"]["bag_auc"] <= 1.0
+    # the splits of both runs are the same images (same seed): the hashes say so
+    assert recs["abmil"]["data"]["instance_id_hash"] == recs["meanpool"]["data"]["instance_id_hash"]
+    bad = run_cli("run", "-m", "abmil", "-d", "image-folder", "--smoke", "--set", f"folder={IMAGE_TREE}",
+                  "--set", "key_class=golf", "--results", str(tmp_path / "bad"), env=env)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "key_class 'golf'" in bad.stderr and "n03445777" in bad.stderr
+
+
+@pytest.mark.parametrize("example, module", [("meanpool", "milbench_meanpool.py"),
+                                             ("image_folder", "milbench_image_folder.py")])
+def test_readme_plugin_examples_are_the_tested_ones(example, module):
+    """The README's third-party examples are the packages under examples/, verbatim."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    module = (FIXTURES / "thirdparty_plugin" / "milbench_meanpool.py").read_text().strip()
-    assert module in readme
+    for name in (module, "pyproject.toml"):
+        assert (EXAMPLES / example / name).read_text().strip() in readme, f"README lacks examples/{example}/{name}"

@@ -70,7 +70,7 @@ def _write_idx(path, arr, code):
 
 def test_official_qmnist_layout_is_preferred(tmp_path, data_root):
     """A root with torchvision's QMNIST files (labels as the idx2-int table)."""
-    from milbench.data.idx import read_idx
+    from milbench_plugins.qmnist.idx import read_idx
 
     x = read_idx(data_root / "MNIST/raw/t10k-images-idx3-ubyte.gz")[:3000]
     y = read_idx(data_root / "MNIST/raw/t10k-labels-idx1-ubyte.gz")[:3000].astype(np.int64)

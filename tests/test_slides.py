@@ -94,8 +94,8 @@ def test_lazy_views_equal_the_materialised_bag(slides, tmp_path):
 def test_streaming_over_the_lazy_image_is_exact(slides, tmp_path):
     import torch
 
-    from milbench.models.clam import build_trunk
     from milbench.models.streaming import StreamingTrunk
+    from milbench_plugins.streamingclam.trunk import build_trunk
 
     bag = Slides().load(cfg(slides, tmp_path), 0, None).train[0]
     torch.manual_seed(0)

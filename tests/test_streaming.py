@@ -169,8 +169,8 @@ def test_area_tiles_recompute_less_under_the_same_bound():
     """ResNet-34 at 2048 px with 1920-px tiles: 2x2 squares read 2.16x the image
     (2 x 1504 px per axis, one shape; mixed 1920 + 1056 read 2.11x), full-height
     strips of at most 1920**2 pixels read 1.45x."""
-    from milbench.models.clam import build_trunk
     from milbench.models.streaming import describe
+    from milbench_plugins.streamingclam.trunk import build_trunk
 
     geo = geometry(build_trunk("resnet34", 3))
     square, area = describe(geo, 2048, 2048, 1920), describe(geo, 2048, 2048, 1920, "area")
@@ -189,7 +189,7 @@ def test_area_tiles_recompute_less_under_the_same_bound():
 def test_resnet34_tiles_share_one_shape(side, shape):
     """The first-epoch penalty came from edge tiles of other shapes: every tile of
     a plan now has one shape, the last one shifted inward to end on the border."""
-    from milbench.models.clam import build_trunk
+    from milbench_plugins.streamingclam.trunk import build_trunk
 
     geo = geometry(build_trunk("resnet34", 3))
     plan = plan_tiles(geo, side, side + 77, 1500, shape)
@@ -224,7 +224,7 @@ def test_auto_tile_size_is_the_largest_that_fits():
 
 def test_geometry_is_computed_from_layers():
     """ResNet-34's trunk: stride 32 and the well-known 899-px receptive field."""
-    from milbench.models.clam import build_trunk
+    from milbench_plugins.streamingclam.trunk import build_trunk
 
     geo = geometry(build_trunk("resnet34", 3))
     assert geo.stride == (32, 32)
@@ -369,8 +369,8 @@ def test_auto_stages_cut_resnet34_where_tiles_are_widest():
     """ResNet-34 at a 2 GiB budget: streamed as one, a tile is under two receptive
     fields wide; cut before layer3, the early stage's tiles are many of its own
     (small) fields wide and the late stage's are too, each within the budget."""
-    from milbench.models.clam import build_trunk
     from milbench.models.streaming import auto_stages
+    from milbench_plugins.streamingclam.trunk import build_trunk
 
     trunk = build_trunk("resnet34", 3)
     plan = auto_stages(trunk, 2 * 2**30)

@@ -16,7 +16,7 @@ from milbench.api import Bag, DataSpec, RunContext
 from milbench.errors import ConfigError
 
 torch.set_num_threads(1)
-PLUGIN_FILE = Path(__file__).resolve().parents[1] / "plugins" / "streamingclam.py"
+PLUGIN_FILE = Path(__file__).resolve().parents[1] / "plugins" / "streamingclam" / "__init__.py"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def grads(model):
 
 def plain_step(model, bag, config):
     """The reference: the same model, forward and backward over the whole image at once."""
-    from milbench.models.clam import clam_loss
+    from milbench_plugins.streamingclam.clam import clam_loss
 
     model.zero_grad(set_to_none=True)
     loss = clam_loss(model(bag.image(), bag.label), bag.label, config["inst_weight"])
@@ -250,7 +250,8 @@ def test_presets_and_smoke_are_valid(plugin):
 @pytest.mark.parametrize("trunk, pool", [("small", 0), ("small", 2), ("lenet", 0)])
 def test_attention_lands_where_the_trunk_looked(trunk, pool):
     """A one-hot attention map peaks at the centre of that position's receptive field."""
-    from milbench.models.clam import CLAMHead, StreamingCLAMModel, build_trunk
+    from milbench_plugins.streamingclam.clam import CLAMHead, StreamingCLAMModel
+    from milbench_plugins.streamingclam.trunk import build_trunk
 
     t = build_trunk(trunk, 1)
     model = StreamingCLAMModel(t, CLAMHead(t.out_channels, 8, 4, pool=pool), 1000)

@@ -20,11 +20,9 @@ from milbench import sweep as sw
 from milbench.errors import ConfigError, MilbenchError
 from milbench.records import iter_records, write_record
 
-from conftest import SHARED_DATA  # noqa: E402  (the one home of the data root)
+from conftest import SHARED_DATA, needs_mnist as needs_data  # noqa: E402  (the one home of the data root)
 
 DATA = str(SHARED_DATA)
-needs_data = pytest.mark.skipif(not (Path(DATA) / "MNIST").exists(),
-                                reason=f"MNIST files not found under {DATA} (set MILBENCH_DATA_ROOT)")
 
 
 @pytest.fixture(autouse=True)

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
+
+from milbench.commands.options import names, record_filters
 
 
 @click.command()
 @click.argument("a")
 @click.argument("b")
 @click.option("--results", "results", default=None, help="results directory when A and B are methods")
-@click.option("--dataset", "datasets", default=None, help="only these datasets (comma-separated)")
-@click.option("--preset", "presets", default=None, help="only these presets (comma-separated)")
+@record_filters(method=False)
 @click.option("--metric", "metrics", multiple=True,
               help="metric to compare (repeatable) [bag_auc, bag_accuracy, dice, train_s_per_bag, peak_mib]")
-@click.option("--include-smoke", is_flag=True, help="include --smoke runs (excluded by default)")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="write to a file instead of stdout")
-def compare(a, b, results, datasets, presets, metrics, include_smoke, fmt, output):
+def compare(a: str, b: str, results: str | None, datasets: str | None, presets: str | None,
+            metrics: tuple[str, ...], include_smoke: bool, fmt: str, output: str | None) -> None:
     """Compare method A with method B (on the records in --results), or results
     directory A with results directory B (same methods, another machine,
     version or setting).
@@ -51,16 +53,16 @@ def compare(a, b, results, datasets, presets, metrics, include_smoke, fmt, outpu
     frames = []
     if pa.is_dir():
         frames = [load_frame(str(pa), include_smoke), load_frame(str(pb), include_smoke)]
-        names = (str(a), str(b))
+        sides = (str(a), str(b))
     else:
         frames = [load_frame(str(existing_results_dir(results)), include_smoke)]
-        names = (a, b)
+        sides = (a, b)
 
-    def select(df):
+    def select(df: Any) -> Any:
         hidden = df.attrs.get("hidden_smoke", 0)
         for col, sel in (("dataset", datasets), ("preset", presets)):
             if sel and not df.empty:
-                df = df[df[col].isin([s.strip() for s in sel.split(",")])]
+                df = df[df[col].isin(names(sel))]
         df.attrs["hidden_smoke"] = hidden  # for the "add --include-smoke" hint
         return df
 
@@ -74,10 +76,10 @@ def compare(a, b, results, datasets, presets, metrics, include_smoke, fmt, outpu
         from milbench.console import make_console
 
         console = make_console(open(output, "w") if output else None)
-        console.print(cmp.to_rich(table, *names))
+        console.print(cmp.to_rich(table, *sides))
         return
     if fmt == "markdown":
-        text = cmp.to_markdown(table, *names)
+        text = cmp.to_markdown(table, *sides)
     elif fmt == "csv":
         text = table.to_csv(index=False)
     else:

@@ -8,7 +8,10 @@ import click
 @click.command("list")
 @click.option("--data-root", default=None, help="also show where datasets would be read from this root")
 def list_cmd(data_root):
-    """Methods (supervision, keys and defaults) and datasets (sizes, where their data is)."""
+    """Every key a run reads, with its default and who declares it: the training protocol's
+    keys (the harness), each method's keys, each dataset's keys and the protocol defaults it
+    sets; where each dataset's data is. Plugins are validated as they load: a broken one is
+    listed in red with the reason."""
     from milbench.console import make_console
     from rich.markup import escape
     from rich.table import Table
@@ -27,30 +30,34 @@ def list_cmd(data_root):
                   escape(f"{p.search[0]} {list(p.search[1:])}") if p.search else "—", escape(p.help))
     console.print(t)
     t = Table(title="methods")
-    for col in ("name", "supervision", "plugin", "description", "keys (default)", "presets"):
+    for col in ("name", "supervision", "plugin", "description", "method keys (default)", "sets dataset keys",
+                "presets"):
         t.add_column(col)
     for name in sorted(reg.methods):
         m = reg.methods[name]
         keys = ", ".join(f"{k}={p.default}" for k, p in m.params.items())
+        sets = ", ".join(f"{k}={v}" for k, v in m.defaults.items() if k not in m.params) or "—"
         t.add_row(name, m.supervision, reg.owners[("method", name)], escape(m.description), escape(keys),
-                  ", ".join(m.presets) or "—")
+                  escape(sets), ", ".join(m.presets) or "—")
     console.print(t)
     t = Table(title="datasets")
-    for col in ("name", "plugin", "description", "defaults", "data"):
+    for col in ("name", "plugin", "description", "dataset keys (default)", "protocol defaults it sets", "presets",
+                "data"):
         t.add_column(col)
     for name in sorted(reg.datasets):
         d = reg.datasets[name]
-        defaults = {k: p.default for k, p in d.params.items()}
-        size = ", ".join(f"{k}={defaults[k]}" for k in ("bag_size", "instance_size", "n_train_bags", "n_val_bags", "n_test_bags") if k in defaults)
-        if d.defaults:
-            size += "; protocol: " + ", ".join(f"{k}={v}" for k, v in d.defaults.items() if k in PROTOCOL_PARAMS)
+        keys = ", ".join(f"{k}={d.defaults.get(k, p.default)}" for k, p in d.params.items())
+        protocol = ", ".join(f"{k}={v}" for k, v in d.defaults.items() if k in PROTOCOL_PARAMS) or "—"
         try:
             st = d.status(data_root)
             where = f"{st.source}: {st.detail}" + (f" [{st.root}]" if st.root else "")
         except Exception as exc:  # a dataset's status must not hide the others
             where = f"status failed: {exc}"
-        t.add_row(name, reg.owners[("dataset", name)], escape(d.description), size, escape(where))
+        t.add_row(name, reg.owners[("dataset", name)], escape(d.description), escape(keys), escape(protocol),
+                  ", ".join(d.presets) or "—", escape(where))
     console.print(t)
+    for (kind, name), why in sorted(reg.invalid.items()):
+        console.print(f"[red]{kind} '{escape(name)}' is unusable: {escape(why)}[/red]")
     for (kind, name), owners in sorted(reg.conflicts.items()):
         console.print(f"[red]{kind} '{name}' is registered by plugins {' and '.join(owners)}: unusable until one is removed[/red]")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from milbench.commands.options import names, record_filters
+
 
 @click.command()
 @click.option("--results", "results", default=None, help="results directory (searched recursively)")
@@ -14,16 +16,15 @@ import click
 @click.option("--y", "ys", multiple=True,
               help="y metric per panel (repeatable) [peak_mib, train_s_per_bag]; any report metric works")
 @click.option("--metric", default="bag_auc", show_default=True, help="metric on the y axis (tradeoff)")
-@click.option("--method", "methods", default=None, help="only these methods (comma-separated)")
-@click.option("--dataset", "datasets", default=None, help="only these datasets (comma-separated)")
-@click.option("--preset", "presets", default=None, help="only these presets (comma-separated)")
-@click.option("--include-smoke", is_flag=True, help="include --smoke runs (excluded by default)")
+@record_filters()
 @click.option("--logx", is_flag=True, help="logarithmic x axis")
 @click.option("--logy", is_flag=True, help="logarithmic y axes (scaling)")
 @click.option("--title", default=None, help="figure title")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="output file; .png, .svg or .pdf [scaling_<x>.png or tradeoff_<metric>.png]")
-def plot(results, kind, x, ys, metric, methods, datasets, presets, include_smoke, logx, logy, title, output):
+def plot(results: str | None, kind: str, x: str, ys: tuple[str, ...], metric: str, methods: str | None,
+         datasets: str | None, presets: str | None, include_smoke: bool, logx: bool, logy: bool, title: str | None,
+         output: str | None) -> None:
     """Draw how peak memory and time per bag scale with a swept parameter
     (one line per method, out-of-memory points as red ✕), or the metric
     against peak memory (--kind tradeoff).
@@ -36,31 +37,31 @@ def plot(results, kind, x, ys, metric, methods, datasets, presets, include_smoke
       milbench plot --kind curves -o results/learning_curves.png
     """
     from milbench.errors import MilbenchError
-    from milbench.plotting import save, scaling_figure, tradeoff_figure
+    from milbench.plotting import FORMATS, save, scaling_figure, tradeoff_figure
     from milbench.records import existing_results_dir
     from milbench.report import load_frame, smoke_hint
 
+    def checked(out: str) -> str:
+        if not str(out).lower().endswith(FORMATS):
+            raise MilbenchError(f"bad --output {out!r}: extension must be .png, .svg or .pdf")
+        return out
+
     folder = existing_results_dir(results)
+    filters = (("method", names(methods)), ("dataset", names(datasets)), ("preset", names(presets)))
     if kind == "curves":
         from milbench.curves import curves_figure
         from milbench.records import iter_records
 
-        recs = [r for r in iter_records(str(folder))
-                if (not methods or r.get("method") in methods.split(","))
-                and (not datasets or r.get("dataset") in datasets.split(","))
-                and (not presets or r.get("preset") in presets.split(","))]
-        out = output or "learning_curves.png"
-        if not str(out).lower().endswith((".png", ".svg", ".pdf")):
-            raise MilbenchError(f"bad --output {out!r}: extension must be .png, .svg or .pdf")
+        recs = [r for r in iter_records(str(folder)) if all(not sel or r.get(col) in sel for col, sel in filters)]
+        out = checked(output or "learning_curves.png")
         click.echo(f"wrote {save(curves_figure(recs, title=title), out)}")
         return
     df = load_frame(str(folder), include_smoke)
     if df.empty:
         hint = smoke_hint(df)
         raise MilbenchError(f"no records to plot in {folder}" + (f"; {hint}" if hint else ""))
-    for col, sel in (("method", methods), ("dataset", datasets), ("preset", presets)):
-        if sel and not df.empty:
-            wanted = [s.strip() for s in sel.split(",") if s.strip()]
+    for col, wanted in filters:
+        if wanted and not df.empty:
             present = sorted(df[col].dropna().unique())
             missing = [w for w in wanted if w not in present]
             if missing:
@@ -72,7 +73,4 @@ def plot(results, kind, x, ys, metric, methods, datasets, presets, include_smoke
     else:
         fig = tradeoff_figure(df, metric, logx=logx, title=title)
         out = output or f"tradeoff_{metric}.png"
-    if not str(out).lower().endswith((".png", ".svg", ".pdf")):
-        raise MilbenchError(f"bad --output {out!r}: extension must be .png, .svg or .pdf")
-    path = save(fig, out)
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {save(fig, checked(out))}")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
+from milbench.commands.options import names, record_filters
 
-def fit_tables(console, summary, title: str) -> list:
+
+def fit_tables(console: Any, summary: Any, title: str) -> list:
     """One rich table with datasets as column groups when it fits the console at its natural
     width; otherwise one table per dataset, so a narrow terminal gets whole cells rather
     than a wide table wrapped into fragments."""
@@ -30,17 +33,15 @@ def fit_tables(console, summary, title: str) -> list:
               help="table (rich) on a terminal; markdown when stdout is not a terminal or with --output [auto]")
 @click.option("--metric", "metrics", multiple=True,
               help="metric to show (repeatable): bag_auc, bag_accuracy, dice, mean_dice, train_s_per_bag, peak_mib, ...")
-@click.option("--method", "methods", default=None, help="only these methods (comma-separated)")
-@click.option("--dataset", "datasets", default=None, help="only these datasets (comma-separated)")
-@click.option("--preset", "presets", default=None, help="only these presets (comma-separated)")
-@click.option("--include-smoke", is_flag=True, help="include --smoke runs (excluded by default)")
+@record_filters()
 @click.option("--protocol", "protocols", default=None,
               help="only records trained under these protocol hashes (comma-separated); a table refuses to mix them")
 @click.option("--all-runs", is_flag=True,
               help="count every record; by default a point (config hash × seed) rerun after an interruption "
                    "counts once, by its latest ok record")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="write to a file instead of stdout")
-def report(results, fmt, metrics, methods, datasets, presets, include_smoke, protocols, all_runs, output):
+def report(results: str | None, fmt: str | None, metrics: tuple[str, ...], methods: str | None, datasets: str | None,
+           presets: str | None, include_smoke: bool, protocols: str | None, all_runs: bool, output: str | None) -> None:
     """Compare runs: methods as rows, datasets as column groups, mean ± std over seeds.
 
     \b
@@ -53,7 +54,7 @@ def report(results, fmt, metrics, methods, datasets, presets, include_smoke, pro
     from milbench.records import existing_results_dir, results_dir
     from milbench.report import (DEFAULT_METRICS, check_one_protocol, DID_NOT_LEARN_HELP, failure_notes, failure_notes_markdown,
                                  latest_per_point, learning_notes, load_frame, notes_markdown, smoke_hint, summarize,
-                                 to_markdown, to_rich)
+                                 to_markdown)
 
     if fmt is None:  # a rich table wraps into fragments in a pipe or a file; markdown stays readable
         fmt = "table" if output is None and sys.stdout.isatty() else "markdown"
@@ -63,7 +64,7 @@ def report(results, fmt, metrics, methods, datasets, presets, include_smoke, pro
         df = latest_per_point(df)
     for col, sel in (("method", methods), ("dataset", datasets), ("preset", presets), ("protocol", protocols)):
         if sel and not df.empty:
-            df = df[df[col].isin([s.strip() for s in sel.split(",")])]
+            df = df[df[col].isin(names(sel))]
     check_one_protocol(df)
     df.attrs["hidden_smoke"] = hidden  # filters need not carry attrs along
     summary = summarize(df, metrics or DEFAULT_METRICS)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
+from milbench.commands.options import common_run_options
 from milbench.errors import MilbenchError
 
 
@@ -31,7 +34,7 @@ def summary_line(rec: dict) -> str:
     return line
 
 
-def where_lines(rec: dict, out: "Path", results_option: str | None) -> str:
+def where_lines(rec: dict, out: Path, results_option: str | None) -> str:
     """Where the run left its files (record, log, artifacts) and the command that shows it next
     to the others — so a new user knows what to open and what to type after their first run."""
     import shlex
@@ -51,24 +54,9 @@ def where_lines(rec: dict, out: "Path", results_option: str | None) -> str:
 
 def check_data_root(data_root: str | None) -> None:
     """An explicit ``--data-root`` must exist (a typo must not silently fall back to the sample)."""
-    from pathlib import Path
-
     if data_root is not None and not Path(data_root).expanduser().is_dir():
         raise MilbenchError(f"data root {data_root} does not exist; pass an existing folder to --data-root "
                             f"(or omit it to use $MILBENCH_DATA_ROOT, ~/.cache/milbench, then the shipped sample)")
-
-
-def common_run_options(f):
-    """Options shared by ``run`` and ``sweep``."""
-    f = click.option("--results", "results", default=None, help="results directory [$MILBENCH_RESULTS or ./results/runs]")(f)
-    f = click.option("--data-root", default=None, help="where datasets are looked for first [$MILBENCH_DATA_ROOT, then ~/.cache/milbench]")(f)
-    f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")(f)
-    f = click.option("--timeout", type=float, default=None, help="stop a run after this many seconds (status: timeout)")(f)
-    f = click.option("--max-memory", default=None, help="memory limit per run, e.g. 2GB (CPU: RSS watchdog; GPU: allocator fraction); crossing it is status oom")(f)
-    f = click.option("--smoke", is_flag=True, help="tiny configuration that runs in seconds; the record is marked smoke")(f)
-    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key (repeatable)")(f)
-    f = click.option("--preset", "-p", default=None, help="named preset: built in (default, paper, ...) or saved by `milbench tune` under RESULTS/presets")(f)
-    return f
 
 
 @click.command()
@@ -76,11 +64,13 @@ def common_run_options(f):
 @click.option("--dataset", "-d", required=True, help="dataset name (see `milbench list`)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for data splits, init and order")
 @common_run_options
-def run(method, dataset, seed, preset, overrides, smoke, max_memory, timeout, device, data_root, results):
+def run(method: str, dataset: str, seed: int, preset: str | None, overrides: tuple[str, ...], smoke: bool,
+        max_memory: str | None, timeout: float | None, device: str, data_root: str | None, results: str | None) -> None:
     """Train and evaluate METHOD on DATASET in a fresh process; write one JSON record."""
+    from milbench.devices import check_device
     from milbench.plugins import get_registry
     from milbench.records import ensure_writable, results_dir
-    from milbench.runner import check_device, execute, parse_bytes, plan_run
+    from milbench.runner import execute, parse_bytes, plan_run
 
     if seed < 0:
         raise MilbenchError(f"bad --seed {seed}: must be >= 0")

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from milbench.commands.run import common_run_options, summary_line
+from milbench.commands.options import common_run_options
+from milbench.commands.run import summary_line
 from milbench.errors import MilbenchError
 
 
@@ -88,10 +89,13 @@ class RichReporter:
 @click.option("--slurm-folder", default=None, help="submitit job folder (pickles, logs) [RESULTS/.submitit/SWEEP_ID]")
 @click.option("--ray-address", default=None, help="Ray cluster to connect to ('auto', 'ray://host:10001'); none: start a local one")
 @common_run_options
-def sweep(methods, datasets, grid, seeds, skip_failed, dry_run, strict, executor, cpus_per_point, gpus_per_point,
-          mem_per_point, retry, slurm_partition, slurm_time, slurm_array_parallelism, slurm_params, slurm_setup,
-          slurm_signal_delay, slurm_cluster, slurm_folder, ray_address, preset, overrides, smoke, max_memory, timeout,
-          device, data_root, results):
+def sweep(methods: str, datasets: str, grid: tuple[str, ...], seeds: str, skip_failed: bool, dry_run: bool,
+          strict: bool, executor: str, cpus_per_point: float | None, gpus_per_point: float, mem_per_point: str | None,
+          retry: bool, slurm_partition: str | None, slurm_time: str, slurm_array_parallelism: int | None,
+          slurm_params: tuple[str, ...], slurm_setup: tuple[str, ...], slurm_signal_delay: int | None,
+          slurm_cluster: str, slurm_folder: str | None, ray_address: str | None, preset: str | None,
+          overrides: tuple[str, ...], smoke: bool, max_memory: str | None, timeout: float | None, device: str,
+          data_root: str | None, results: str | None) -> None:
     """Run METHODS × DATASETS × GRID × SEEDS, each point a fresh process writing one record.
 
     \b
@@ -114,9 +118,10 @@ def sweep(methods, datasets, grid, seeds, skip_failed, dry_run, strict, executor
     from rich.console import Console
 
     from milbench import sweep as sw
+    from milbench.devices import check_device
     from milbench.plugins import get_registry
     from milbench.records import ensure_writable, now_iso, results_dir
-    from milbench.runner import check_device, parse_bytes
+    from milbench.runner import parse_bytes
 
     if timeout is not None and timeout <= 0:
         raise MilbenchError(f"bad --timeout {timeout}: must be > 0 seconds")
@@ -126,12 +131,7 @@ def sweep(methods, datasets, grid, seeds, skip_failed, dry_run, strict, executor
         datasets=sw.parse_names(datasets, "dataset", registry.datasets),
         grid=sw.parse_grid(grid), seeds=sw.parse_seeds(seeds), preset=preset, overrides=list(overrides), smoke=smoke)
     points = sw.expand(registry, spec)
-    if executor == "local":
-        device = check_device(device)
-    else:  # the workers' GPUs are not visible from a login node: check the spelling only
-        device = device.strip().lower()
-        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-            raise MilbenchError(f"bad --device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    device = check_device(device, probe=executor == "local")  # a login node sees none of the workers' GPUs
     limit = parse_bytes(max_memory)
     mem_bytes = parse_bytes(mem_per_point)
     if cpus_per_point is not None and cpus_per_point <= 0:
@@ -162,14 +162,11 @@ def sweep(methods, datasets, grid, seeds, skip_failed, dry_run, strict, executor
         return
     slurm_opts = None
     if executor == "slurm":
-        from milbench.executors import parse_minutes, parse_params
-
-        slurm_opts = {"cluster": slurm_cluster, "partition": slurm_partition, "time_min": parse_minutes(slurm_time),
-                      "array_parallelism": slurm_array_parallelism, "sbatch": parse_params(slurm_params),
-                      "setup": list(slurm_setup), "signal_delay_s": slurm_signal_delay, "folder": slurm_folder}
-    from milbench.executors import make_executor
-
-    engine = make_executor(executor, results=out, sweep_id=spec.sweep_id, cpus=cpus_per_point, gpus=gpus_per_point,
+        slurm_opts = {"cluster": slurm_cluster, "partition": slurm_partition,
+                      "time_min": sw.parse_minutes(slurm_time), "array_parallelism": slurm_array_parallelism,
+                      "sbatch": sw.parse_params(slurm_params), "setup": list(slurm_setup),
+                      "signal_delay_s": slurm_signal_delay, "folder": slurm_folder}
+    engine = sw.make_executor(executor, results=out, sweep_id=spec.sweep_id, cpus=cpus_per_point, gpus=gpus_per_point,
                            mem_bytes=mem_bytes, retry=retry, slurm=slurm_opts, ray_address=ray_address)
     meta = {"id": spec.sweep_id, "grid": spec.grid, "seeds": spec.seeds, "methods": spec.methods,
             "datasets": spec.datasets, "executor": executor}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from milbench.commands.run import common_run_options
+from milbench.commands.options import common_run_options
 from milbench.errors import MilbenchError
 
 
@@ -25,8 +25,10 @@ from milbench.errors import MilbenchError
 @click.option("--slurm-partition", default=None, help="SLURM partition (with --executor slurm)")
 @click.option("--slurm-time", default="60", show_default=True, help="SLURM time limit per trial (minutes or H:MM:SS)")
 @common_run_options
-def tune(method, dataset, trials, seed, parallel, executor, study_name, preset_name, ray_address, slurm_partition,
-         slurm_time, preset, overrides, smoke, max_memory, timeout, device, data_root, results):
+def tune(method: str, dataset: str, trials: int, seed: int, parallel: int, executor: str, study_name: str | None,
+         preset_name: str | None, ray_address: str | None, slurm_partition: str | None, slurm_time: str,
+         preset: str | None, overrides: tuple[str, ...], smoke: bool, max_memory: str | None, timeout: float | None,
+         device: str, data_root: str | None, results: str | None) -> None:
     """Tune METHOD on DATASET with Optuna: every trial a normal run (a record),
     scored on the validation split only; save the best as a preset.
 
@@ -46,8 +48,9 @@ def tune(method, dataset, trials, seed, parallel, executor, study_name, preset_n
     from milbench.plugins import get_registry
     from milbench.presets import save_preset
     from milbench.protocol import PROTOCOL_PARAMS
+    from milbench.devices import check_device
     from milbench.records import ensure_writable, results_dir
-    from milbench.runner import check_device, parse_bytes, plan_run
+    from milbench.runner import parse_bytes, plan_run
 
     try:
         import optuna  # noqa: F401
@@ -66,7 +69,7 @@ def tune(method, dataset, trials, seed, parallel, executor, study_name, preset_n
     space = tuning.search_space({**PROTOCOL_PARAMS, **d.params, **m.params}, fixed)
     if not space:
         raise MilbenchError("nothing to tune: every learning key is fixed by --set")
-    device = check_device(device) if executor == "local" else device
+    device = check_device(device, probe=executor == "local")  # a login node sees none of the workers' GPUs
     limit = parse_bytes(max_memory)
     study_name = study_name or f"tune-{base.method}-{base.dataset}-{base.preset}{'-smoke' if smoke else ''}"
     preset_name = preset_name or f"tuned-{base.method}-{base.dataset}{'-smoke' if smoke else ''}"
@@ -80,13 +83,11 @@ def tune(method, dataset, trials, seed, parallel, executor, study_name, preset_n
                   + f" on the validation split; storage {tuning.study_storage(out, study_name)}",
                   highlight=False, soft_wrap=True)
 
-    from milbench.executors import make_executor, parse_minutes
-
     slurm_opts = None
     if executor == "slurm":
-        slurm_opts = {"cluster": "slurm", "partition": slurm_partition, "time_min": parse_minutes(slurm_time),
+        slurm_opts = {"cluster": "slurm", "partition": slurm_partition, "time_min": sw.parse_minutes(slurm_time),
                       "array_parallelism": parallel, "sbatch": {}, "setup": [], "signal_delay_s": 90, "folder": None}
-    engine = make_executor(executor, results=out, sweep_id=study_name, cpus=None, gpus=0, mem_bytes=None,
+    engine = sw.make_executor(executor, results=out, sweep_id=study_name, cpus=None, gpus=0, mem_bytes=None,
                            retry=False, slurm=slurm_opts, ray_address=ray_address)
 
     def run_batch(batch: list[tuple[int, dict]]) -> list[dict]:

@@ -10,11 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from milbench.api import DataSpec, Param
-
-# Names only (this module is imported at plugin registration, without torch);
-# milbench.models.encoders checks that its registry matches.
-ENCODERS = ("lenet", "cnn", "resnet18")
-NORMS = ("none", "group", "frozen", "batch")
+from milbench.models.names import ENCODERS, NORMS  # names only: this module is imported at plugin registration
 
 ATTENTION_MIL_PARAMS: dict[str, Param] = {
     "encoder": Param("auto", str, "instance encoder ('auto': lenet for 1 channel, cnn for 3)",
@@ -71,7 +67,7 @@ def check_geometry(config: Mapping[str, Any], method: str) -> None:
                                                            if min_instance_size(n) <= int(size)))
 
 
-def build_attention_mil(spec: DataSpec, config: Mapping[str, Any]):
+def build_attention_mil(spec: DataSpec, config: Mapping[str, Any]) -> Any:
     """The ABMIL model for this data and config (random init, seeded by the harness)."""
     from milbench.models.attention import AttentionMIL
     from milbench.models.encoders import create_encoder

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from milbench.errors import ConfigError
-from milbench.models.attention_mil import ENCODERS, NORMS
+from milbench.models.names import ENCODERS, NORMS
 from milbench.models.norms import FrozenBatchNorm2d
 
 
@@ -36,7 +36,7 @@ class LeNetEncoder(nn.Module):
     """The LeNet-5-like encoder of Ilse et al. for digit bags:
     conv(20,5)-pool-conv(50,5)-pool-fc(feat_dim)."""
 
-    def __init__(self, in_channels: int, size: int, feat_dim: int = 500, norm: str = "none"):
+    def __init__(self, in_channels: int, size: int, feat_dim: int = 500, norm: str = "none") -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 20, 5), norm2d(norm, 20), nn.ReLU(), nn.MaxPool2d(2),
@@ -64,7 +64,7 @@ class ConvEncoder(nn.Module):
     instance on its own, and after global average pooling the features of
     different images are then nearly the same vector at initialisation."""
 
-    def __init__(self, in_channels: int, size: int, feat_dim: int = 128, norm: str = "group", width: int = 32):
+    def __init__(self, in_channels: int, size: int, feat_dim: int = 128, norm: str = "group", width: int = 32) -> None:
         super().__init__()
         chans = [in_channels, width, width * 2, width * 4, width * 4]
         layers: list[nn.Module] = []
@@ -89,7 +89,7 @@ class ResNetEncoder(nn.Module):
     """ResNet-18 trunk (torchvision, random init) with per-instance norms and a
     linear projection to feat_dim (the paper's 2048-d features)."""
 
-    def __init__(self, in_channels: int, size: int, feat_dim: int = 2048, norm: str = "frozen"):
+    def __init__(self, in_channels: int, size: int, feat_dim: int = 2048, norm: str = "frozen") -> None:
         super().__init__()
         from torchvision.models import resnet18
 
@@ -103,12 +103,12 @@ class ResNetEncoder(nn.Module):
         return torch.relu(self.net(x))
 
 
+#: The registry: one class per name of :data:`milbench.models.names.ENCODERS`.
 _ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "lenet": LeNetEncoder,
     "cnn": ConvEncoder,
     "resnet18": ResNetEncoder,
 }
-assert tuple(_ENCODERS) == ENCODERS, "keep attention_mil.ENCODERS in step with the registry"
 
 
 def _side_after(layer: nn.Module, size: int) -> int:

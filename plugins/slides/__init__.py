@@ -22,9 +22,12 @@ the level read and the tile count.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from milbench.api import DataSpec, Dataset, DataStatus, Param, Splits, hookimpl
+from milbench.api import DataSpec, Dataset, DataStatus, MilbenchError, Param, Splits, cache_dir, hookimpl, resolve
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tiling import TilingKeys
 
 PARAMS: dict[str, Param] = {
     "manifest": Param(None, str, "slide manifest CSV (slide_id,path,label[,split][,annotation]); none: "
@@ -57,20 +60,16 @@ PARAMS: dict[str, Param] = {
 def _defaults() -> dict[str, Any]:
     """Training augmentation reads every instance of a bag (``augment(bag.instances)``),
     which would read a whole slide per step; slides train without it."""
-    try:
-        from milbench.protocol import PROTOCOL_PARAMS
-    except ImportError:  # an older harness without the protocol keys
-        return {}
+    from milbench.api import PROTOCOL_PARAMS
+
     return {"augment": False} if "augment" in PROTOCOL_PARAMS else {}
 
 
 def _cache_dir(value: str | None) -> Path:
-    from milbench.data.roots import cache_dir
-
     return Path(value).expanduser() if value else cache_dir() / "slide-tiles"
 
 
-def _tiling_keys(cfg: Mapping[str, Any]):
+def _tiling_keys(cfg: Mapping[str, Any]) -> TilingKeys:
     from .tiling import TilingKeys
 
     return TilingKeys(int(cfg["instance_size"]), cfg["mpp"], int(cfg["level"]), float(cfg["tissue_fraction"]),
@@ -94,11 +93,8 @@ class Slides(Dataset):
                         instance_classes=("other", str(cfg["annotation_class"])), key_class=1)
 
     # -- milbench data -------------------------------------------------------------------------
-    def status(self, data_root: str | None, overrides: Any = None) -> DataStatus:
+    def status(self, data_root: str | None, overrides: Sequence[str] = ()) -> DataStatus:
         """The manifest milbench would read and, per slide, what tiling finds at these settings."""
-        from milbench.config import resolve
-        from milbench.errors import MilbenchError
-
         from .manifest import MANIFEST_NAMES, find_manifest, read_manifest
 
         try:
@@ -151,10 +147,8 @@ class Slides(Dataset):
                 f"tiles per slide at instance_size={cfg['instance_size']}, {res}: min {min(tiles)}, median "
                 f"{int(np.median(tiles))}, max {max(tiles)}; manifest sha256 {manifest.sha256[:16]}")
 
-    def verify(self, data_root: str | None) -> list[str]:
+    def verify(self, data_root: str | None, quick: bool = False) -> list[str]:
         """Open every slide and annotation the manifest lists; one line per problem."""
-        from milbench.errors import MilbenchError
-
         from .annotations import read_geojson
         from .manifest import find_manifest, read_manifest
         from .reader import open_slide
@@ -183,7 +177,7 @@ class Slides(Dataset):
 
         import numpy as np
 
-        from milbench.data.bags import ids_hash
+        from milbench.api import ids_hash
 
         from .annotations import class_names, key_overlap, read_geojson
         from .bags import SlideBags, reader_for
@@ -256,5 +250,5 @@ class Slides(Dataset):
 
 
 @hookimpl
-def milbench_register_datasets(register):
+def milbench_register_datasets(register: Callable[[Dataset], None]) -> None:
     register(Slides())

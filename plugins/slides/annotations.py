@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from milbench.errors import DataError
+from milbench.api import DataError, first_line
 
 
 @dataclass
@@ -87,7 +87,7 @@ def read_geojson(path: Path, slide_id: str) -> list[Region]:
     except DataError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{where}: malformed geometry ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{where}: malformed geometry ({first_line(exc)})") from None
     return regions
 
 

@@ -23,8 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from milbench.api import ImageSource, InstanceSource
-from milbench.data.bags import LazyBags
+from milbench.api import ImageSource, InstanceSource, LazyBags
 
 from .reader import SlideReader, open_slide
 from .tiling import Resolution, read_block, read_tile

@@ -50,8 +50,8 @@ FORMATS = ("svs", "tiff", "png", "jpg")
 def load_digits(data_root: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MNIST digits (n, 28, 28) uint8 and labels: a data root's ``MNIST/raw`` test file, else the
     copy shipped inside milbench."""
-    from milbench.data.idx import find_file, read_idx
-    from milbench.data.roots import candidate_roots
+    from milbench.api import candidate_roots
+    from milbench_plugins.qmnist.idx import find_file, read_idx
 
     folders = [Path(r) / "MNIST" / "raw" for r in candidate_roots(data_root)]
     folders.append(Path(__file__).resolve().parent.parent / "data" / "mnist")
@@ -59,7 +59,7 @@ def load_digits(data_root: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         img, lab = find_file(folder, "t10k-images-idx3-ubyte"), find_file(folder, "t10k-labels-idx1-ubyte")
         if img is not None and lab is not None:
             return read_idx(img), read_idx(lab)
-    from milbench.errors import DataError
+    from milbench.api import DataError
 
     raise DataError(f"no MNIST digits found for the slide generator (looked in {', '.join(map(str, folders))})")
 

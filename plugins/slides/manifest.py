@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from milbench.errors import DataError
+from milbench.api import DataError
 
 REQUIRED = ("slide_id", "path", "label")
 SPLITS = ("train", "val", "test")
@@ -53,7 +53,7 @@ class Manifest:
 def find_manifest(name: str | None, data_root: str | None) -> tuple[Path, list[str]]:
     """The manifest a run reads: the ``manifest`` key (a path, or a name under a data
     root), else ``manifest.csv``/``slides.csv`` in the data roots; one-line error if none."""
-    from milbench.data.roots import find_in_roots
+    from milbench.api import find_in_roots
 
     if name:
         p = Path(name).expanduser()

@@ -13,7 +13,7 @@ bags never care what the file was:
 * **PIL** reads PNG/JPEG (any size: the decompression-bomb guard is lifted for
   files the user named) as a one-level slide.
 
-Every failure to open is a one-line :class:`~milbench.errors.DataError` that
+Every failure to open is a one-line :class:`~milbench.api.DataError` that
 names the slide, because a manifest can list hundreds of files.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from milbench.errors import DataError
+from milbench.api import DataError, first_line
 
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -176,7 +176,7 @@ class _TiffReader(_ArrayLevelsReader):
             levels = list(series.levels)
         except Exception as exc:  # tifffile raises many types for a bad file
             raise DataError(f"slide '{slide_id}': {path} is not a slide OpenSlide or tifffile can read "
-                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+                            f"({first_line(exc)[:160]})") from None
         self._series = levels
         self.format = "ome-tiff" if self._tif.is_ome else "tiff"
         dims = []
@@ -196,7 +196,7 @@ class _TiffReader(_ArrayLevelsReader):
                 arr = self._series[level].asarray()
             except Exception as exc:
                 raise DataError(f"slide '{self.slide_id}': decoding level {level} of {self.path} failed "
-                                f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+                                f"({first_line(exc)[:160]})") from None
             axes = self._series[level].axes
             if axes.startswith("S") or (arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4)):
                 arr = np.moveaxis(arr, 0, -1)
@@ -243,7 +243,7 @@ class _PlainReader(_ArrayLevelsReader):
                 arr = np.asarray(im.convert("RGB"))
         except Exception as exc:
             raise DataError(f"slide '{slide_id}': {path} is not an image PIL can read "
-                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+                            f"({first_line(exc)[:160]})") from None
         self._arr = arr
         self.level_dimensions = [(int(arr.shape[1]), int(arr.shape[0]))]
         self.level_downsamples = [1.0]

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from milbench.errors import DataError
+from milbench.api import DataError
 
 from .reader import SlideReader, slide_checksum
 

@@ -1,13 +1,20 @@
 """CLAM-SB head (Lu et al., "Data-efficient and weakly supervised computational
 pathology on whole-slide images", Nature BME 2021) over the positions of a
-feature map, and the CNN trunks StreamingCLAM streams in front of it.
+feature map, and the StreamingCLAM model that puts it behind a streamed trunk.
+
+Why this module exists: the head, its loss and the model object are what
+``streamingclam`` builds and trains; no other plugin uses them, so they live
+in the plugin. It imports torch at module level and is therefore imported only
+inside the method's ``build``/``backward``/``predict``, never at registration.
 
 StreamingCLAM (Dooper et al.) treats every position of the streamed trunk's
 feature map as an instance: the head flattens (C, h, w) into h*w vectors,
 attends over them with gated attention, and classifies the attention-pooled
 vector. The optional instance-clustering loss is CLAM's: the k most and k
 least attended positions are pseudo-labelled in-class / out-of-class for the
-true class's instance classifier (smooth top-1 SVM or cross-entropy).
+true class's instance classifier (smooth top-1 SVM or cross-entropy). The
+trunks themselves are in :mod:`.trunk`; the streaming engine is milbench's
+(``StreamingTrunk``, through :mod:`milbench.api`).
 """
 
 from __future__ import annotations
@@ -18,18 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from milbench.errors import ConfigError
-from milbench.models.norms import FrozenBatchNorm2d, freeze_batch_norms
-from milbench.models.streaming import StreamingTrunk
+from milbench.api import ConfigError, StreamingTrunk
 
-__all__ = ["CLAMHead", "CLAMOutput", "StreamingCLAMModel", "clam_loss", "smooth_top1_svm", "build_trunk", "TRUNKS",
-           "INSTANCE_LOSSES"]
+__all__ = ["CLAMHead", "CLAMOutput", "StreamingCLAMModel", "clam_loss", "smooth_top1_svm", "INSTANCE_LOSSES"]
 
-TRUNKS = ("small", "lenet", "resnet18", "resnet34", "resnet50")
 INSTANCE_LOSSES = ("none", "svm", "ce")
-_RESNET_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
-                    "resnet50": (256, 512, 1024, 2048)}
-_SMALL_WIDTHS = (16, 32, 64, 128)
 
 
 @dataclass
@@ -63,7 +63,7 @@ def smooth_top1_svm(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1
 class _GatedAttention(nn.Module):
     """CLAM's Attn_Net_Gated with one attention branch: w^T (tanh(V h) * sigmoid(U h))."""
 
-    def __init__(self, dim: int, attn_dim: int, dropout: float):
+    def __init__(self, dim: int, attn_dim: int, dropout: float) -> None:
         super().__init__()
         self.v = nn.Sequential(nn.Linear(dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
         self.u = nn.Sequential(nn.Linear(dim, attn_dim), nn.Sigmoid(), nn.Dropout(dropout))
@@ -82,7 +82,7 @@ class CLAMHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 512, attn_dim: int = 256, n_classes: int = 2,
-                 dropout: float = 0.0, inst_loss: str = "none", inst_k: int = 8, pool: int = 0):
+                 dropout: float = 0.0, inst_loss: str = "none", inst_k: int = 8, pool: int = 0) -> None:
         super().__init__()
         if inst_loss not in INSTANCE_LOSSES:
             raise ConfigError(f"unknown inst_loss '{inst_loss}'; valid: {', '.join(INSTANCE_LOSSES)}")
@@ -155,7 +155,7 @@ class StreamingCLAMModel(nn.Module):
 
     def __init__(self, trunk: nn.Module, head: CLAMHead, tile_size: int | list[int], tile_shape: str = "square",
                  split: list[int] | tuple[int, ...] = (), bytes_per_pixel: list[float] | None = None,
-                 budget_bytes: float | None = None):
+                 budget_bytes: float | None = None) -> None:
         super().__init__()
         self.stream = StreamingTrunk(trunk, tile_size, tile_shape, split, bytes_per_pixel, budget_bytes)
         self.head = head
@@ -196,88 +196,3 @@ def _interp_matrix(n_pixels: int, n_positions: int, stride: float, centre0: floa
     out.scatter_add_(1, i0[:, None], (1 - w)[:, None])
     out.scatter_add_(1, i1[:, None], w[:, None])
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Trunks
-# --------------------------------------------------------------------------------------------
-
-
-def _small_trunk(in_channels: int, depth: int) -> tuple[nn.Sequential, int]:
-    """conv3x3-frozenBN-ReLU stages, 2x2 max-pool between them: stride 2**(depth-1),
-    receptive field 38 px at depth 4 (a 28-px digit fits in one position's view)."""
-    layers: list[nn.Module] = []
-    c = in_channels
-    for i in range(depth):
-        w = _SMALL_WIDTHS[i]
-        conv = nn.Conv2d(c, w, 3, padding=1)
-        # He init: with PyTorch's default (3x smaller weights per layer) the features start tiny, weight
-        # decay shrinks them further while attention MIL sits on its 0.693 plateau, and qmnist bags never
-        # learn; with He init they leave the plateau after ~20-25 epochs (measured, seeds 0 and 1).
-        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-        nn.init.zeros_(conv.bias)
-        layers += [conv, FrozenBatchNorm2d(w), nn.ReLU(inplace=True)]
-        if i < depth - 1:
-            layers.append(nn.MaxPool2d(2))
-        c = w
-    return nn.Sequential(*layers), c
-
-
-def _lenet_trunk(in_channels: int, width: int = 128) -> tuple[nn.Sequential, int]:
-    """The LeNet-5-like digit encoder of Ilse et al. (abmil's 'lenet') made fully
-    convolutional: conv5(20)-pool-conv5(50)-pool, then its fully connected layer
-    as a 4x4 convolution. Unpadded, stride 4, receptive field 28 px: on a bag
-    image of 28-px digits every 7th position sees exactly one digit, as the
-    instance encoder would."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, 20, 5), FrozenBatchNorm2d(20), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(20, 50, 5), FrozenBatchNorm2d(50), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(50, width, 4), nn.ReLU(inplace=True),
-    ]
-    return nn.Sequential(*layers), width
-
-
-def _resnet_trunk(name: str, in_channels: int, depth: int, pretrained: bool) -> tuple[nn.Sequential, int]:
-    import torchvision
-
-    ctor = getattr(torchvision.models, name)
-    try:
-        net = ctor(weights="IMAGENET1K_V1" if pretrained else None)
-    except Exception as exc:  # offline machines: torch.hub raises URLError, OSError, RuntimeError...
-        raise ConfigError(f"could not load ImageNet weights for {name} ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); set pretrained=false or put the "
-                          f"weights in the torch hub cache") from None
-    if in_channels != 3:
-        old = net.conv1
-        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        if pretrained:  # grey or multi-channel input: spread the RGB filters' mean over the channels
-            with torch.no_grad():
-                net.conv1.weight.copy_(old.weight.mean(1, keepdim=True).repeat(1, in_channels, 1, 1)
-                                       * (3.0 / in_channels))
-    stages = [net.layer1, net.layer2, net.layer3, net.layer4][:depth]
-    trunk = freeze_batch_norms(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages))
-    return trunk, _RESNET_CHANNELS[name][depth - 1]
-
-
-def build_trunk(name: str, in_channels: int, depth: int | None = None, pretrained: bool = False) -> nn.Sequential:
-    """A streamable CNN trunk by name, with every batch norm frozen.
-
-    ``small``: a few conv-ReLU-maxpool stages for CPU runs (``depth`` stages,
-    default 4, stride 8). ``resnet18/34/50``: torchvision's ResNet stem and the
-    first ``depth`` residual stages (default 4: stride 32, as StreamingCLAM),
-    random init unless ``pretrained`` (ImageNet weights; needs them downloaded).
-    The returned module has ``out_channels`` set for the head.
-    """
-    if name not in TRUNKS:
-        raise ConfigError(f"unknown trunk '{name}'; valid: {', '.join(TRUNKS)}")
-    depth = 4 if depth is None else int(depth)
-    if not 1 <= depth <= 4:
-        raise ConfigError(f"bad trunk_depth {depth}: valid 1..4 (stages of the trunk)")
-    if name in ("small", "lenet"):
-        if pretrained:
-            raise ConfigError(f"trunk '{name}' has no pretrained weights; set pretrained=false")
-        trunk, out = _small_trunk(in_channels, depth) if name == "small" else _lenet_trunk(in_channels)
-    else:
-        trunk, out = _resnet_trunk(name, in_channels, depth, pretrained)
-    trunk.out_channels = out
-    return trunk

@@ -18,16 +18,15 @@ import time; the datasets' own checks import it when they decode images.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import click
 
-from milbench.errors import DataError, MilbenchError
+from milbench.errors import DataError, MilbenchError, first_line
 
 _STATE_STYLE = {"full": ("complete", "green"), "partial": ("partial", "yellow"),
                 "sample": ("sample only", "cyan"), "missing": ("missing", "red"), "error": ("error", "red")}
@@ -49,33 +48,26 @@ def _data_root(ctx: click.Context, given: str | None) -> str | None:
     return given if given else ctx.meta.get("milbench.data_root")
 
 
-def _call(fn: Callable[..., Any], *args: Any, **optional: Any) -> Any:
-    """Call ``fn``, passing each optional keyword only if its signature accepts it, so a
-    third-party dataset written against the base signature keeps working."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in optional.items() if v is not None and (takes_any or k in params)}
-    return fn(*args, **kwargs)
+def _why(exc: BaseException) -> str:
+    """A failure in one line: a :class:`MilbenchError`'s own message, else ``Type: first line``."""
+    return " ".join(str(exc).split()) if isinstance(exc, MilbenchError) else first_line(exc)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if isinstance(exc, MilbenchError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+def _status(dataset: Any, data_root: str | None, overrides: Sequence[str]) -> Any:
+    """``dataset.status``, given the ``--set`` overrides only when there are any (so a
+    dataset written against the one-argument ``status`` keeps working without them)."""
+    return dataset.status(data_root, overrides=list(overrides)) if overrides else dataset.status(data_root)
 
 
-def _status_row(name: str, dataset: Any, data_root: str | None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+def _status_row(name: str, dataset: Any, data_root: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """One dataset's status as a plain dict; a dataset whose status() fails shows as ``error``.
     ``overrides`` (``--set key=value``) reach a dataset whose ``status`` takes them (e.g.
     ``slides``: which manifest, and the tiling settings its tile counts are for)."""
     try:
-        st = _call(dataset.status, data_root, overrides=list(overrides) or None)
-        row = asdict(st)
+        row = asdict(_status(dataset, data_root, overrides))
     except Exception as exc:  # a broken plugin must not hide the other datasets
         row = {"name": name, "found": False, "complete": False, "root": None, "source": "error",
-               "detail": _one_line(exc), "looked_in": [], "fetch_hint": f"milbench data download {name}"}
+               "detail": _why(exc), "looked_in": [], "fetch_hint": f"milbench data download {name}"}
     return row
 
 
@@ -183,9 +175,9 @@ def verify_cmd(ctx: click.Context, name: str | None, data_root: str | None, quic
             failed = failed or bool(name) or row["source"] == "error"
             continue
         try:
-            problems = list(_call(ds.verify, root, quick=quick or None))
+            problems = list(ds.verify(root, quick=True) if quick else ds.verify(root))
         except Exception as exc:  # verify itself crashing is a problem to report, not a traceback
-            problems = [f"verify raised {_one_line(exc)}"]
+            problems = [f"verify raised {_why(exc)}"]
         where = row["root"] or "?"
         if problems:
             failed = True
@@ -238,15 +230,18 @@ def download_cmd(ctx: click.Context, name: str, data_root: str | None, variant: 
     registry = _registry(ctx)
     root = download_root(_data_root(ctx, data_root))
     ds = registry.dataset(name)
-    if variant is not None and "variant" not in inspect.signature(ds.download).parameters:
+    if variant is not None and not ds.variants:
         raise DataError(f"dataset '{name}' has no --variant choice for download")
     click.echo(f"downloading {name}{' ' + variant if variant else ''} into {root} ...", err=True)
     before = _entries(root)
     try:
-        _call(ds.download, str(root), variant=variant)
+        if variant is None:
+            ds.download(str(root))
+        else:
+            ds.download(str(root), variant=variant)
     except OSError as exc:  # a plugin that lets a file-system error escape still gets one line
         _remove_empty_new_dirs(root, before)
-        raise DataError(f"could not download {name} into {root}: {_one_line(exc)}") from None
+        raise DataError(f"could not download {name} into {root}: {_why(exc)}") from None
     except BaseException:
         _remove_empty_new_dirs(root, before)
         raise

@@ -1,5 +1,10 @@
 """Readers for the IDX files of MNIST and QMNIST (optionally gzipped).
 
+Why this module exists: the ``qmnist`` dataset reads its digits from IDX files,
+and so does the slides plugin's test-data generator
+(:mod:`milbench_plugins.slides.generator`, which imports it from here); the
+format is this plugin's, so the reader lives in it. numpy only, no torch.
+
 IDX: two zero bytes, a type code (0x08 unsigned byte, 0x0C big-endian int32),
 the number of dimensions, then each dimension as a big-endian int32, then the
 data. QMNIST's labels are an ``idx2-int`` table whose first column is the digit.
@@ -13,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from milbench.errors import DataError
+from milbench.api import DataError
 
 _DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
            0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}

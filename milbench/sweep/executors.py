@@ -2,9 +2,9 @@
 
 milbench schedules nothing itself: SLURM and Ray are what people with shared
 GPU clusters already use. Each executor only moves :class:`PointTask` objects
-to workers and hands back what came of them; every worker calls
-:func:`milbench.sweep.run_point`, the one code path that runs a point and
-writes its record. The engines are optional extras (``milbench[slurm]``,
+to workers and hands back an :class:`Outcome` for each; every worker calls
+:func:`milbench.sweep.worker.run_point`, the one code path that runs a point
+and writes its record. The engines are optional extras (``milbench[slurm]``,
 ``milbench[ray]``) imported only when chosen.
 """
 
@@ -17,11 +17,45 @@ import os
 import shutil
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from milbench.errors import MilbenchError
-from milbench.sweep import Outcome, PointTask, run_point
+from milbench.errors import MilbenchError, first_line
+from milbench.sweep.worker import PointTask, run_point
+
+
+@dataclass
+class Outcome:
+    """What an executor hands back for one task: the worker's record, or why there is none."""
+
+    task: PointTask
+    record: dict[str, Any] | None = None
+    error: str | None = None
+    status: str = "failed"          # status of the driver-written record when ``record`` is None
+    engine: dict[str, Any] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    """How points reach workers. Executors never write records; :func:`run_point` does."""
+
+    name: str
+
+    def submit(self, tasks: Sequence[PointTask]) -> None:
+        """Queue tasks (may start them)."""
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        """Return the tasks that finished, waiting up to ``timeout`` seconds for one."""
+
+    def active(self) -> int:
+        """Submitted tasks not yet returned by :meth:`wait`."""
+
+    def cancel(self) -> None:
+        """Stop everything submitted (Ctrl-C): running points write ``interrupted`` records."""
+
+    def close(self) -> None:
+        """Release the engine (shut down a Ray instance this executor started)."""
+
 
 EXECUTORS = ("local", "slurm", "ray")
 _EXTRA_MODULE = {"slurm": "submitit", "ray": "ray"}
@@ -36,11 +70,6 @@ def require(extra: str) -> Any:
         raise MilbenchError(f"--executor {extra} needs the '{module}' package: pip install 'milbench[{extra}]'") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _remote_error(exc: BaseException) -> str:
     """The worker's own exception line out of an engine's wrapper (submitit puts the
     worker's traceback between two ``----`` rules; its last line is the error)."""
@@ -51,7 +80,7 @@ def _remote_error(exc: BaseException) -> str:
         line = parts[rules[1] - 1].strip()
         name, sep, msg = line.partition(": ")
         return f"{name.rsplit('.', 1)[-1]}: {msg}" if sep else line
-    return _first_line(exc)
+    return first_line(exc)
 
 
 class LocalExecutor:
@@ -84,7 +113,7 @@ class LocalExecutor:
                 self._queue.clear()
                 raise
             except Exception as exc:  # the point could not even start: a record says why
-                return [Outcome(task, None, _first_line(exc), "failed", {"name": "local"})]
+                return [Outcome(task, None, first_line(exc), "failed", {"name": "local"})]
             return [Outcome(task, record)]
         finally:
             self._running = False
@@ -291,7 +320,7 @@ class RayExecutor:
                 ray.init(**kwargs)
             except Exception as exc:
                 raise MilbenchError(f"--executor ray: could not {'connect to ' + address if address else 'start Ray'}: "
-                                    f"{_first_line(exc)}") from None
+                                    f"{first_line(exc)}") from None
             self._started = True
         self._remote = ray.remote(run_point)
         self.options = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": int(retries)}
@@ -316,14 +345,14 @@ class RayExecutor:
         try:
             return Outcome(task, ray.get(ref), engine=engine)
         except getattr(exc_mod, "TaskCancelledError", ()) as exc:
-            return Outcome(task, None, f"Ray task cancelled: {_first_line(exc)}", "interrupted", engine)
+            return Outcome(task, None, f"Ray task cancelled: {first_line(exc)}", "interrupted", engine)
         except getattr(exc_mod, "OutOfMemoryError", ()) as exc:
-            return Outcome(task, None, f"Ray's memory monitor killed the task: {_first_line(exc)}", "oom", engine)
+            return Outcome(task, None, f"Ray's memory monitor killed the task: {first_line(exc)}", "oom", engine)
         except getattr(exc_mod, "RayTaskError", ()) as exc:
             cause = getattr(exc, "cause", None)
-            return Outcome(task, None, f"Ray task failed: {_first_line(cause or exc)}", "failed", engine)
+            return Outcome(task, None, f"Ray task failed: {first_line(cause or exc)}", "failed", engine)
         except Exception as exc:  # worker or node died, object lost, ...
-            return Outcome(task, None, f"Ray lost the task: {_first_line(exc)}", "failed", engine)
+            return Outcome(task, None, f"Ray lost the task: {first_line(exc)}", "failed", engine)
 
     def wait(self, timeout: float) -> list[Outcome]:
         if not self.refs:
@@ -350,7 +379,7 @@ class RayExecutor:
 
 def make_executor(name: str, *, results: Path, sweep_id: str, cpus: float | None = None, gpus: float = 0,
                   mem_bytes: int | None = None, retry: bool = False, slurm: Mapping[str, Any] | None = None,
-                  ray_address: str | None = None) -> Any:
+                  ray_address: str | None = None) -> Executor:
     """The executor the CLI asked for, with its options checked (one-line errors)."""
     if name == "local":
         return LocalExecutor()

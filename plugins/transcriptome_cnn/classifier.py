@@ -1,26 +1,28 @@
-"""Patch classifiers on timm backbones, class weighting and sliding-window dense maps.
+"""The patch classifier: a timm backbone with its patch geometry, class weighting and precise BN.
 
-Used by the instance-supervised transcriptome CNN: one backbone classifies a
-patch into the dataset's instance classes. Two sizes matter and are kept
-apart: the *field of view* (how many image pixels a patch covers) and the
-*input size* (the side the backbone sees). ``fit = "crop"`` takes the centre
-``patch_size`` pixels of each instance (field = input = ``patch_size``);
-``fit = "resize"`` resamples the whole instance to ``patch_size`` (field =
-instance size). The centre crop keeps the instance's pixel ``s // 2`` at
-``patch_size // 2`` -- where a spot-centred patch holds its spot -- and the
-sliding window centres each output cell the same way, so training patches and
-dense prediction agree on what "the patch at a pixel" means.
+Why a module of its own: this is the model of the ``transcriptome-cnn``
+method, imported (with torch) only when a run builds it, never when the
+plugin registers.
+
+One backbone classifies a patch into the dataset's instance classes. Two sizes
+matter and are kept apart: the *field of view* (how many image pixels a patch
+covers) and the *input size* (the side the backbone sees). ``fit = "crop"``
+takes the centre ``patch_size`` pixels of each instance (field = input =
+``patch_size``); ``fit = "resize"`` resamples the whole instance to
+``patch_size`` (field = instance size). The centre crop keeps the instance's
+pixel ``s // 2`` at ``patch_size // 2`` -- where a spot-centred patch holds its
+spot -- and the sliding window (:mod:`.dense_map`) centres each output cell the
+same way, so training patches and dense prediction agree on what "the patch at
+a pixel" means.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from milbench.errors import ConfigError, did_you_mean
+from milbench.api import ConfigError, did_you_mean
 
 #: Backbones of five families benchmarked by default (all build with timm,
 #: take 1-channel inputs and patches of 32 px or more).
@@ -202,44 +204,3 @@ def predict_batched(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tens
     """Softmax probabilities (n, K) for ``x`` in batches of ``batch``."""
     out = [torch.softmax(model(x[i:i + batch]), dim=1) for i in range(0, x.shape[0], batch)]
     return torch.cat(out) if out else x.new_zeros((0, getattr(model, "n_classes", 2)))
-
-
-def sliding_window_probs(model: PatchClassifier, image: torch.Tensor, stride: int, batch: int) -> torch.Tensor:
-    """Class probabilities per ``stride x stride`` cell of a (C, H, W) image: (K, ceil(H/s), ceil(W/s)).
-
-    The window of cell (i, j) is ``model.field`` pixels wide with the cell's
-    centre pixel ``(i*s + s//2, j*s + s//2)`` at index ``field // 2`` (as the
-    spot in a training patch). The image is reflect-padded (replicate where
-    it is too small to reflect), since a region's surroundings look more
-    like its edge than like empty background. Windows are views of the padded
-    image until a batch is taken, so memory stays bounded for any stride.
-    """
-    c, h, w = image.shape
-    f, s = model.field, int(stride)
-    ny, nx = math.ceil(h / s), math.ceil(w / s)
-    pad = f + s
-    mode = "reflect" if pad < h and pad < w else "replicate"
-    padded = F.pad(image[None], (pad, pad, pad, pad), mode=mode)[0]
-    off = pad + s // 2 - f // 2
-    win = padded[:, off:, off:].unfold(1, f, s).unfold(2, f, s)[:, :ny, :nx]  # (C, ny, nx, f, f)
-    rows_per_batch = max(1, batch // max(1, nx))
-    probs = []
-    for r0 in range(0, ny, rows_per_batch):
-        chunk = win[:, r0:r0 + rows_per_batch].permute(1, 2, 0, 3, 4).reshape(-1, c, f, f)
-        probs.append(predict_batched(model, chunk, batch))
-    return torch.cat(probs).reshape(ny, nx, -1).permute(2, 0, 1)
-
-
-def cells_to_pixels(cells: torch.Tensor, stride: int, shape: tuple[int, int]) -> torch.Tensor:
-    """Expand a (..., ny, nx) cell map to (..., H, W) pixels (each cell covers stride x stride)."""
-    out = cells.repeat_interleave(stride, dim=-2).repeat_interleave(stride, dim=-1)
-    return out[..., :shape[0], :shape[1]]
-
-
-def dense_class_map(model: PatchClassifier, image: torch.Tensor, stride: int, batch: int,
-                    key_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(classes (H, W) long, P(key class) (H, W) float) of an image by a sliding window."""
-    probs = sliding_window_probs(model, image, stride, batch)
-    h, w = image.shape[-2:]
-    return (cells_to_pixels(probs.argmax(0), stride, (h, w)).long(),
-            cells_to_pixels(probs[key_class], stride, (h, w)))

@@ -9,7 +9,7 @@ is looked for as ``mouse-brain-ca1`` under ``--data-root``, then
 this package (``source: "embedded"`` -- the complete section, not a sample).
 ``section`` names another section folder (absolute, or relative to a data
 root): a DAPI TIFF/PNG with a spots CSV, read as described in
-:mod:`milbench.data.sections`, which also states the class-map rule.
+:mod:`.section`; :mod:`.class_maps` states the class-map rule.
 
 Default genes. ``gene_a = Plp1`` and ``gene_b = Neurod6`` are the two genes of
 the section with the clearest, most different morphology, by the data:
@@ -55,34 +55,37 @@ out of the training section (the paper's setting).
   background. Every method trains on the same bags; a MIL method reads only
   the bag label, the transcriptome CNN the patch labels. With
   ``train_bags = "regions"`` training bags are regions like the test bags.
+
+The package. This module declares the dataset's keys and registers it; it
+imports nothing heavy, so ``milbench list`` stays fast. The work is in
+
+* :mod:`.section` -- finding a section folder and reading its image and spots;
+* :mod:`.class_maps` -- the classes and the gene -> class-map rule;
+* :mod:`.regions` -- held-out bands, training intervals, region sampling;
+* :mod:`.bags` -- the training patch pool, bag plans and the lazy bag sequences.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from milbench.api import DataStatus, Dataset, Param, hookimpl
+from milbench.api import ConfigError, DataStatus, Dataset, Param, Splits, bag_params, hookimpl
 
-EMBEDDED = Path(__file__).resolve().parent / "data" / "mouse-brain-ca1"
-DEFAULT_FOLDER = "mouse-brain-ca1"
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
-#: sha256 of the pciSeq CA1 files (as in ../shared/data/README.md).
-CA1_SHA256 = {
-    "spots.csv": "bdc2b11d9cf3ead8bf1a941564267d263b7dfcaa5eddc39cae28dd3cb67b7da5",
-    "label_image.coo.npz": "8d53ebd39c0d49540b6e73ccac5165242f4d5c65f7eaf8e3e2e582f0a3e948fd",
-}
-
+#: Every key the dataset reads (the harness supplies none).
 PARAMS: dict[str, Param] = {
-    "bag_size": Param(16, int, "tiles per bag; must fill a rows x cols rectangle (grid_shape): 4, 9, 16, 20, 25 ...",
-                      low=1),
-    "instance_size": Param(32, int, "tile / patch side in working pixels", low=8),
-    "key_fraction": Param(0.25, float, "positive bag: share of gene-A patches (training spot bags) or minimal "
-                          "share of gene-A pixels (region bags)", low=0, high=1, low_open=True),
-    "n_train_bags": Param(150, int, "training bags", low=1),
-    "n_val_bags": Param(20, int, "validation bags (regions in the validation band)", low=1),
-    "n_test_bags": Param(40, int, "test bags (regions in the test band or test section)", low=1),
+    # bags are rectangles of tiles, so no bag_size_std
+    **bag_params(bag_size=16, instance_size=32, key_fraction=0.25, n_train_bags=150, n_val_bags=20, n_test_bags=40,
+                 bag_size_std=None, help={
+                     "bag_size": "tiles per bag; must fill a rows x cols rectangle (grid_shape): 4, 9, 16, 20, 25 ...",
+                     "instance_size": "tile / patch side in working pixels",
+                     "key_fraction": "positive bag: share of gene-A patches (training spot bags) or minimal share of "
+                                     "gene-A pixels (region bags)",
+                     "n_val_bags": "validation bags (regions in the validation band)",
+                     "n_test_bags": "test bags (regions in the test band or test section)"}),
     "section": Param(None, str, "section folder (absolute or under a data root); none: mouse-brain-ca1",
                      nullable=True),
     "test_section": Param(None, str, "second section folder used as the whole test set; none: test band",
@@ -116,8 +119,8 @@ PARAMS: dict[str, Param] = {
 
 
 def _square_bag_size(n: int) -> tuple[int, int]:
-    from milbench.data.bags import grid_shape
-    from milbench.errors import ConfigError
+    """(rows, cols) of a bag of ``n`` tiles; a one-line error when ``n`` does not fill the rectangle."""
+    from milbench.api import grid_shape
 
     rows, cols = grid_shape(n)
     if rows * cols != n:
@@ -127,38 +130,9 @@ def _square_bag_size(n: int) -> tuple[int, int]:
     return rows, cols
 
 
-def locate_section(name: str | None, data_root: str | None) -> tuple[Path, str, list[str]]:
-    """Find a section folder: (path, source, looked_in). Source: data-root, path or embedded."""
-    from milbench.data.roots import find_in_roots
-    from milbench.errors import DataError
-
-    if name is None:
-        found, tried = find_in_roots(data_root, [DEFAULT_FOLDER])
-        if found is not None:
-            return found, "data-root", tried
-        return EMBEDDED, "embedded", tried + [str(EMBEDDED)]
-    p = Path(name).expanduser()
-    if p.is_absolute():
-        if p.is_dir():
-            return p, "path", [str(p)]
-        raise DataError(f"section folder {p} does not exist")
-    found, tried = find_in_roots(data_root, [name])
-    if found is not None:
-        return found, "data-root", tried
-    if p.is_dir():
-        return p.resolve(), "path", tried + [str(p.resolve())]
-    raise DataError(f"section '{name}' not found; looked in: {', '.join(tried + [str(p.resolve())])}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class MouseBrain(Dataset):
+    """The ``mouse-brain`` dataset: region and spot-patch bags of one section (module docstring)."""
+
     name = "mouse-brain"
     description = "nuclei image of a mouse brain section, classes from in situ sequencing spots (Dice)"
     params = PARAMS
@@ -171,15 +145,16 @@ class MouseBrain(Dataset):
     smoke = {"bag_size": 4, "n_train_bags": 4, "n_val_bags": 2, "n_test_bags": 2}
     augmentation = "per tile: dihedral flips/rotations, contrast +-10%, brightness +-0.1 std"
 
-    def augment(self, instances, generator):
+    def augment(self, instances: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
         """A nuclei image has no orientation: any flip or 90° turn of a tile is another valid tile."""
         from milbench.api import color_jitter, random_flips
 
         return color_jitter(random_flips(instances, generator), generator, brightness=0.1, contrast=0.1)
 
-    def status(self, data_root: str | None) -> DataStatus:
-        from milbench.data.sections import section_layout
-        from milbench.errors import DataError
+    def status(self, data_root: str | None, overrides: Sequence[str] = ()) -> DataStatus:
+        from milbench.api import DataError
+
+        from .section import locate_section, section_layout
 
         path, source, tried = locate_section(None, data_root)
         try:
@@ -191,9 +166,10 @@ class MouseBrain(Dataset):
                           f"{what}: {', '.join(p.name for p in files.values())}", tried,
                           "ships with milbench; no download needed")
 
-    def verify(self, data_root: str | None) -> list[str]:
-        from milbench.data.sections import SpotColumns, read_section, section_layout
-        from milbench.errors import MilbenchError
+    def verify(self, data_root: str | None, quick: bool = False) -> list[str]:
+        from milbench.api import MilbenchError
+
+        from .section import CA1_SHA256, SpotColumns, file_sha256, locate_section, read_section, section_layout
 
         path, _, _ = locate_section(None, data_root)
         problems = []
@@ -203,7 +179,7 @@ class MouseBrain(Dataset):
             return [str(e)]
         for f in files.values():
             want = CA1_SHA256.get(f.name)
-            if want and _sha256(f) != want:
+            if want and file_sha256(f) != want:
                 problems.append(f"{f}: sha256 differs from the pciSeq CA1 file")
         if not problems:
             try:
@@ -212,76 +188,79 @@ class MouseBrain(Dataset):
                 problems.append(str(e))
         return problems
 
-    def load(self, config: Mapping[str, Any], seed: int, data_root: str | None):
+    def load(self, config: Mapping[str, Any], seed: int, data_root: str | None) -> Splits:
         import numpy as np
 
-        from milbench.api import DataSpec, Splits
-        from milbench.data import sections as S
-        from milbench.errors import ConfigError
+        from milbench.api import DataSpec
+
+        from .bags import PatchBags, RegionBags, patch_pool, plan_patch_bags, split_hash
+        from .class_maps import CLASS_NAMES, KEY_CLASS, LabelRule, load_section_maps
+        from .regions import Area, band_from_fractions, free_intervals, sample_regions
+        from .section import SpotColumns, locate_section
 
         rows, cols = _square_bag_size(config["bag_size"])
         p = config["instance_size"]
-        cols_spec = S.SpotColumns(config["spots_gene_col"], config["spots_x_col"], config["spots_y_col"],
-                                  float(config["pixel_scale"]))
-        rule = S.LabelRule(config["gene_a"], config["gene_b"], float(config["density_sigma"]),
-                           float(config["min_density"]), float(config["tissue_radius"]))
+        cols_spec = SpotColumns(config["spots_gene_col"], config["spots_x_col"], config["spots_y_col"],
+                                float(config["pixel_scale"]))
+        rule = LabelRule(config["gene_a"], config["gene_b"], float(config["density_sigma"]),
+                         float(config["min_density"]), float(config["tissue_radius"]))
         scale = float(config["image_scale"])
         path, source, _ = locate_section(config["section"], data_root)
-        maps = S.load_section_maps(path, cols_spec, scale, rule)
+        maps = load_section_maps(path, cols_spec, scale, rule)
         test_maps = None
         if config["test_section"] is not None:
             tpath, _, _ = locate_section(config["test_section"], data_root)
             if tpath.resolve() == Path(path).resolve():
                 raise ConfigError("test_section is the training section; name a different section folder")
-            test_maps = S.load_section_maps(tpath, cols_spec, scale, rule)
+            test_maps = load_section_maps(tpath, cols_spec, scale, rule)
 
         h, w = maps.shape
         margin = int(np.ceil(config["band_margin"] * p))
-        val_band = S.band_from_fractions(config["val_band"], config["val_band_width"], w)
+        val_band = band_from_fractions(config["val_band"], config["val_band_width"], w)
         bands = [val_band]
         test_band = None
         if test_maps is None:
-            test_band = S.band_from_fractions(config["test_band"], config["test_band_width"], w)
+            test_band = band_from_fractions(config["test_band"], config["test_band_width"], w)
             if test_band.x0 < val_band.x1 + margin and val_band.x0 < test_band.x1 + margin:
                 raise ConfigError(f"test band [{config['test_band']:g}, +{config['test_band_width']:g}] and "
                                   f"validation band [{config['val_band']:g}, +{config['val_band_width']:g}] "
                                   f"overlap or lie closer than band_margin; move one of them")
             bands.append(test_band)
-        train_free = S.free_intervals(w, bands, margin)
+        train_free = free_intervals(w, bands, margin)
         region_hw = (rows * p, cols * p)
         step = max(1, p // 2)
         kf, mt = float(config["key_fraction"]), float(config["min_tissue_fraction"])
         rng_train, rng_val, rng_test = (np.random.default_rng([seed, k]) for k in (0, 1, 2))
 
-        val_regions = S.sample_regions(maps, region_hw, [(val_band.x0, val_band.x1)], config["n_val_bags"], kf, mt,
-                                       rng_val, "validation band", step, p)
-        val = S.RegionBags(maps, val_regions, rows, cols, p, "val")
+        val_regions = sample_regions(maps, region_hw, [(val_band.x0, val_band.x1)], config["n_val_bags"], kf, mt,
+                                     rng_val, "validation band", step, p)
+        val = RegionBags(maps, val_regions, rows, cols, p, "val")
         if test_maps is None:
-            test_area = S.Area(maps.image[:, test_band.x0:test_band.x1], maps.classes[:, test_band.x0:test_band.x1],
-                               test_band.x0, test_band.x1, maps.name)
-            test_regions = S.sample_regions(maps, region_hw, [(test_band.x0, test_band.x1)], config["n_test_bags"],
-                                            kf, mt, rng_test, "test band", step, p)
-            test = S.RegionBags(maps, test_regions, rows, cols, p, "test", test_area)
+            test_area = Area(maps.image[:, test_band.x0:test_band.x1], maps.classes[:, test_band.x0:test_band.x1],
+                             test_band.x0, test_band.x1, maps.name)
+            test_regions = sample_regions(maps, region_hw, [(test_band.x0, test_band.x1)], config["n_test_bags"],
+                                          kf, mt, rng_test, "test band", step, p)
+            test = RegionBags(maps, test_regions, rows, cols, p, "test", test_area)
         else:
             tw = test_maps.shape[1]
-            test_area = S.Area(test_maps.image, test_maps.classes, 0, tw, test_maps.name)
-            test_regions = S.sample_regions(test_maps, region_hw, [(0, tw)], config["n_test_bags"], kf, mt, rng_test,
-                                            "test section", step, p)
-            test = S.RegionBags(test_maps, test_regions, rows, cols, p, "test", test_area)
+            test_area = Area(test_maps.image, test_maps.classes, 0, tw, test_maps.name)
+            test_regions = sample_regions(test_maps, region_hw, [(0, tw)], config["n_test_bags"], kf, mt, rng_test,
+                                          "test section", step, p)
+            test = RegionBags(test_maps, test_regions, rows, cols, p, "test", test_area)
 
         pool_info: dict[str, Any] = {}
         if config["train_bags"] == "spots":
-            pool = S.patch_pool(maps, p, train_free, config["patch_labels"], rng_train)
-            plans = S.plan_patch_bags(pool.classes, config["n_train_bags"], rows * cols, kf, rng_train, "train")
-            train = S.PatchBags(maps, pool, plans, p)
-            pool_info = {name: int((pool.classes == k).sum()) for k, name in enumerate(S.CLASS_NAMES)}
+            pool = patch_pool(maps, p, train_free, config["patch_labels"], rng_train)
+            plans = plan_patch_bags(pool.classes, config["n_train_bags"], rows * cols, kf, rng_train, "train")
+            train = PatchBags(maps, pool, plans, p)
+            pool_info = {name: int((pool.classes == k).sum()) for k, name in enumerate(CLASS_NAMES)}
         else:
-            regions = S.sample_regions(maps, region_hw, train_free, config["n_train_bags"], kf, mt, rng_train,
-                                       "training area", step, p)
-            train = S.RegionBags(maps, regions, rows, cols, p, "train")
+            regions = sample_regions(maps, region_hw, train_free, config["n_train_bags"], kf, mt, rng_train,
+                                     "training area", step, p)
+            train = RegionBags(maps, regions, rows, cols, p, "train")
 
-        spec = DataSpec(channels=1, instance_size=p, n_classes=len(S.CLASS_NAMES),
-                        instance_classes=S.CLASS_NAMES, key_class=S.KEY_CLASS)
+        spec = DataSpec(channels=1, instance_size=p, n_classes=len(CLASS_NAMES),
+                        instance_classes=CLASS_NAMES, key_class=KEY_CLASS)
         counts = maps.gene_counts
         info: dict[str, Any] = {
             "source": source,
@@ -292,7 +271,7 @@ class MouseBrain(Dataset):
             "split_seed": seed,
             "working_shape": [h, w],
             "section_shape": list(maps.section_shape),
-            "classes": list(S.CLASS_NAMES),
+            "classes": list(CLASS_NAMES),
             "genes": {"gene_a": rule.gene_a, "gene_b": rule.gene_b,
                       "gene_a_spots": counts[rule.gene_a], "gene_b_spots": counts[rule.gene_b],
                       "other_spots": int(sum(counts.values()) - counts[rule.gene_a] - counts[rule.gene_b])},
@@ -308,11 +287,11 @@ class MouseBrain(Dataset):
             "region_candidates": {"val": [val_regions.n_positive_candidates, val_regions.n_negative_candidates],
                                   "test": [test_regions.n_positive_candidates,
                                            test_regions.n_negative_candidates]},
-            "ids_hash": {"train": S.split_hash(train), "val": S.split_hash(val), "test": S.split_hash(test)},
+            "ids_hash": {"train": split_hash(train), "val": split_hash(val), "test": split_hash(test)},
         }
         return Splits(spec, train, val, test, info)
 
 
 @hookimpl
-def milbench_register_datasets(register):
+def milbench_register_datasets(register: Callable[[Dataset], None]) -> None:
     register(MouseBrain())

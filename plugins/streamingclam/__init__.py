@@ -3,26 +3,27 @@ CLAM-SB head (Dooper et al., "Gigapixel end-to-end training using streaming
 and attention", Medical Image Analysis 2023).
 
 The method reads the image view of a bag (``bag.image()``, the instances
-tiled on their grid). Its trunk runs tile by tile with the streaming engine
-(:mod:`milbench.models.streaming`): a no-grad forward gives the exact feature
-map F, the CLAM head and the bag loss give dL/dF, and each tile is recomputed
-with autograd to back-propagate its slice. Memory is bounded by ``tile_size``,
-not by the image; the gradient equals the non-streamed network's.
+tiled on their grid). Its trunk runs tile by tile with milbench's streaming
+engine (``StreamingTrunk`` in :mod:`milbench.api`): a no-grad forward gives
+the exact feature map F, the CLAM head and the bag loss give dL/dF, and each
+tile is recomputed with autograd to back-propagate its slice. Memory is
+bounded by ``tile_size``, not by the image; the gradient equals the
+non-streamed network's.
 
 ``tile_size=auto`` (the default) sizes the tiles to a memory budget: half of
 what ``--max-memory`` leaves free after setup, or 2 GiB without it. The
 trunk's activation cost per pixel is measured at build time, a ResNet trunk
 is cut into two stages streamed one after the other (see
-:class:`milbench.models.streaming.StreamingTrunk`), and each stage gets the
-largest tile that fits; the choice goes into the record's metrics
+:class:`milbench.api.StreamingTrunk`), and each stage gets the largest tile
+that fits; the choice goes into the record's metrics
 (``stream_*``). ``tile_shape=area`` (the default) lets a tile be any
 rectangle of at most ``tile_size**2`` pixels, e.g. a full-width strip, which
 overlaps its neighbours less than a square.
 
 Scores for Dice: the head's attention over feature-map positions, divided by
 its maximum and multiplied by the bag probability (the convention of
-:func:`milbench.models.attention.attention_scores`, so a bag predicted
-negative marks nothing), is interpolated onto the image with each position
+:func:`milbench.api.attention_scores`, so a bag predicted negative marks
+nothing), is interpolated onto the image with each position
 centred on its receptive field. An instance's score is the maximum of that
 map over its patch: attention concentrates on a few positions inside a key
 instance, so the patch mean stays far below 0.5 even for a perfectly
@@ -32,20 +33,35 @@ instances 0.73 and 0.82 with the maximum, 0.0 with the mean). With
 ``pixel_scores``, and the harness computes a pixel-level Dice from it (0.13
 and 0.14 there: the map's blobs are much smaller than the 28-px squares the
 qmnist ground truth marks).
+
+The package: this module holds the method (its keys, tile sizing and scores)
+and registers it; it imports nothing heavy, so registering the plugin never
+imports torch. :mod:`.clam` holds the CLAM head, its loss and the model,
+:mod:`.trunk` the streamable CNN trunks; both import torch and are imported
+inside the method's functions. milbench itself is reached only through
+:mod:`milbench.api` (the streaming engine is milbench's, shared with other
+streaming methods).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from milbench.api import Bag, DataSpec, Method, Param, Prediction, RunContext, hookimpl
-from milbench.errors import ConfigError
+from milbench.api import Bag, ConfigError, DataSpec, Method, Param, Prediction, RunContext, Splits, hookimpl
 
-# Names only: milbench.models.clam (torch) checks them again when it builds.
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from milbench.api import StagePlan
+
+    from .clam import StreamingCLAMModel
+
+# Names only: .trunk and .clam (torch) check them again when they build.
 _TRUNKS = ("small", "lenet", "resnet18", "resnet34", "resnet50")
 _INST_LOSSES = ("none", "svm", "ce")
-_TILE_SHAPES = ("square", "area")  # milbench.models.streaming.TILE_SHAPES, without importing torch
+_TILE_SHAPES = ("square", "area")  # the streaming engine's TILE_SHAPES, without importing torch
 
 #: Share of what ``--max-memory`` leaves free when the model is built that ``tile_size=auto`` gives
 #: one tile's activations; the rest holds the image, the feature map, dL/dF and allocator slack.
@@ -121,8 +137,9 @@ class StreamingCLAM(Method):
     def check(self, config: Mapping[str, Any]) -> None:
         """Refuse a tile smaller than the trunk's minimum before any work starts
         (the geometry does not depend on the input channels: 3 stands in)."""
-        from milbench.models.clam import build_trunk
-        from milbench.models.streaming import geometry
+        from milbench.api import geometry
+
+        from .trunk import build_trunk
 
         if config["tile_size"] == "auto":  # sized in build(), where the budget is known
             return
@@ -132,8 +149,9 @@ class StreamingCLAM(Method):
             raise ConfigError(f"bad value for 'tile_size': {config['tile_size']} is smaller than the {need} px "
                               f"the '{config['trunk']}' trunk needs (its receptive field, rounded up to whole strides)")
 
-    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
-        from milbench.models.clam import CLAMHead, StreamingCLAMModel, build_trunk
+    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext) -> StreamingCLAMModel:
+        from .clam import CLAMHead, StreamingCLAMModel
+        from .trunk import build_trunk
 
         trunk = build_trunk(config["trunk"], spec.channels, config["trunk_depth"], config["pretrained"])
         # Bag labels are 0/1 on every dataset (spec.n_classes counts instance classes on mouse-brain),
@@ -149,29 +167,31 @@ class StreamingCLAM(Method):
         model.tile_sizing = sizing
         return model.to(ctx.device)
 
-    def artifacts(self, model, splits, config: Mapping[str, Any], ctx: RunContext) -> dict[str, Any]:
+    def artifacts(self, model: StreamingCLAMModel, splits: Splits, config: Mapping[str, Any],
+                  ctx: RunContext) -> dict[str, Any]:
         """The tiles the run streamed with (numbers go into the record's ``metrics``): what
         ``tile_size=auto`` chose -- stages, tile sides, budget, cost per pixel."""
         return dict(getattr(model, "tile_sizing", {}))
 
-    def on_epoch_start(self, model, epoch: int, config: Mapping[str, Any]) -> None:
+    def on_epoch_start(self, model: StreamingCLAMModel, epoch: int, config: Mapping[str, Any]) -> None:
         # The harness counts epochs from 1: epochs 1..k train the head only.
         model.trunk_frozen = epoch <= config["freeze_trunk_epochs"]
 
-    def backward(self, model, bag: Bag, config: Mapping[str, Any]) -> float:
-        from milbench.models.clam import clam_loss
-        from milbench.models.streaming import streamed_forward_backward
+    def backward(self, model: StreamingCLAMModel, bag: Bag, config: Mapping[str, Any]) -> float:
+        from milbench.api import streamed_forward_backward
 
-        def head_loss(features):
+        from .clam import clam_loss
+
+        def head_loss(features: torch.Tensor) -> torch.Tensor:
             return clam_loss(model.head(features, bag.label), bag.label, config["inst_weight"])
 
         loss = streamed_forward_backward(model.stream, bag.lazy_image, head_loss, train_trunk=not model.trunk_frozen)
         return float(loss)
 
-    def predict(self, model, bag: Bag, config: Mapping[str, Any]) -> Prediction:
+    def predict(self, model: StreamingCLAMModel, bag: Bag, config: Mapping[str, Any]) -> Prediction:
         import torch
 
-        from milbench.models.clam import clam_loss
+        from .clam import clam_loss
 
         out = model.head(model.stream.forward_streamed(bag.lazy_image))
         probs = torch.softmax(out.logits.double(), dim=0)
@@ -186,20 +206,20 @@ class StreamingCLAM(Method):
         )
 
 
-def resolve_tiles(trunk, tile_size: int | str, ctx: RunContext):
-    """The :class:`~milbench.models.streaming.StagePlan` to stream with, and what the
+def resolve_tiles(trunk: nn.Module, tile_size: int | str, ctx: RunContext) -> tuple[StagePlan, dict[str, float]]:
+    """The :class:`~milbench.api.StagePlan` to stream with, and what the
     record says about it.
 
     A side in pixels streams the trunk as one. ``auto`` cuts the trunk where
     that recomputes least and gives each stage the largest tile whose
-    activations fit the budget (:func:`milbench.models.streaming.auto_stages`,
+    activations fit the budget (:func:`milbench.api.auto_stages`,
     which measures the activation cost per pixel): with ``--max-memory``,
     :data:`TILE_BUDGET_SHARE` of what is left once the data is loaded and the
     model built (resident memory on a CPU, torch's allocation on a GPU) and
     the trunk's gradients and two optimizer moments are set aside; without
-    it, :data:`~milbench.models.streaming.DEFAULT_TILE_BUDGET_BYTES`.
+    it, :data:`~milbench.api.DEFAULT_TILE_BUDGET_BYTES`.
     """
-    from milbench.models.streaming import DEFAULT_TILE_BUDGET_BYTES, StagePlan, auto_stages
+    from milbench.api import DEFAULT_TILE_BUDGET_BYTES, StagePlan, auto_stages
 
     if tile_size != "auto":
         return StagePlan((), (int(tile_size),), (), 0.0), {"stream_tile_size": int(tile_size), "stream_stages": 1}
@@ -232,17 +252,17 @@ def resolve_tiles(trunk, tile_size: int | str, ctx: RunContext):
     return plan, record
 
 
-def attention_pixels(model, attention_map, bag: Bag):
+def attention_pixels(model: StreamingCLAMModel, attention_map: torch.Tensor, bag: Bag) -> torch.Tensor:
     """The (h, w) attention map divided by its maximum and painted onto the
     bag image (rows*p, cols*p), each position centred where the trunk looked
-    (:meth:`milbench.models.clam.StreamingCLAMModel.upsample`); CPU float in [0, 1]."""
+    (:meth:`.clam.StreamingCLAMModel.upsample`); CPU float in [0, 1]."""
     a = attention_map.detach().float().cpu()
     a = a / a.max().clamp_min(1e-12)
     rows, cols = bag.grid_shape
     return model.upsample(a, (rows * bag.patch_size, cols * bag.patch_size)).clamp_(0, 1)
 
 
-def instance_maxima(pixel, bag: Bag):
+def instance_maxima(pixel: torch.Tensor, bag: Bag) -> torch.Tensor:
     """Maximum of a pixel map over each instance's patch, in the order of ``bag.instances``: (N,)."""
     rows, cols = bag.grid_shape
     p = bag.patch_size
@@ -251,5 +271,5 @@ def instance_maxima(pixel, bag: Bag):
 
 
 @hookimpl
-def milbench_register_methods(register):
+def milbench_register_methods(register: Callable[[Method], None]) -> None:
     register(StreamingCLAM())

@@ -9,16 +9,27 @@ Splits: the digit pool is shuffled with the run seed and cut into train, val
 and test pools *before* any bag is drawn; each split's bags come from its own
 pool, so no test bag shares a digit image with a training bag (Andersson et
 al. 2022 build their QMNIST bags the same way).
+
+The package: this module holds the dataset and registers it; :mod:`.idx` is
+the IDX file reader (numpy only; the slides plugin's test-data generator
+reads MNIST digits with it too). Registration imports neither numpy nor
+torch; milbench itself is reached only through :mod:`milbench.api`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from milbench.api import DataSpec, Dataset, DataStatus, Param, Splits, hookimpl
+from milbench.api import (ConfigError, DataError, DataSpec, Dataset, DataStatus, Param, Splits, bag_params,
+                          candidate_roots, hookimpl)
 
-EMBEDDED = Path(__file__).parent / "data" / "mnist"
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+#: The 10,000 MNIST test digits shipped with the built-in plugins (``plugins/data/mnist``).
+EMBEDDED = Path(__file__).parent.parent / "data" / "mnist"
 _QMNIST = [("qmnist-train-images-idx3-ubyte", "qmnist-train-labels-idx2-int"),
            ("qmnist-test-images-idx3-ubyte", "qmnist-test-labels-idx2-int")]
 _MNIST = [("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -30,13 +41,10 @@ QMNIST_URL = "https://raw.githubusercontent.com/facebookresearch/qmnist/master"
 
 def _locate(data_root: str | None) -> tuple[str, list[tuple[Path, Path]], list[str]]:
     """(source, [(images, labels)...], looked_in): QMNIST > MNIST > embedded."""
-    from milbench.data.idx import find_file
-    from milbench.data.roots import candidate_roots
+    from .idx import find_file
 
     looked = []
     if data_root is not None and not Path(data_root).expanduser().is_dir():
-        from milbench.errors import DataError
-
         raise DataError(f"data root {data_root} does not exist; pass an existing folder to --data-root")
     for root in candidate_roots(data_root):
         for sub, pairs in (("QMNIST/raw", _QMNIST), ("MNIST/raw", _MNIST)):
@@ -47,8 +55,6 @@ def _locate(data_root: str | None) -> tuple[str, list[tuple[Path, Path]], list[s
             if found:
                 return ("qmnist" if sub.startswith("QMNIST") else "mnist"), found, looked
         if data_root is not None and root == Path(data_root).expanduser():
-            from milbench.errors import DataError
-
             raise DataError(f"no QMNIST or MNIST files under --data-root {data_root} (looked in {root}/QMNIST/raw "
                             f"and {root}/MNIST/raw); run '{_FETCH} --data-root {data_root}' or omit --data-root "
                             f"to use the embedded sample")
@@ -61,14 +67,11 @@ class QMNISTBags(Dataset):
     name = "qmnist"
     description = "bags of QMNIST/MNIST digits; positive iff the bag holds the key digit"
     params = {
-        "bag_size": Param(20, int, "instances per bag (mean when bag_size_std > 0)", low=1),
-        "bag_size_std": Param(0.0, float, "std of a Gaussian bag size (0: fixed, as Andersson et al.)", low=0),
-        "instance_size": Param(28, int, "digit side in pixels (upsampled bilinearly from 28)", low=8),
-        "key_fraction": Param(0.1, float, "share of key digits in a positive bag", low=0, high=1, low_open=True),
+        **bag_params(bag_size=20, instance_size=28, key_fraction=0.1, help={
+            "bag_size_std": "std of a Gaussian bag size (0: fixed, as Andersson et al.)",
+            "instance_size": "digit side in pixels (upsampled bilinearly from 28)",
+            "key_fraction": "share of key digits in a positive bag"}),
         "key_digit": Param(9, int, "the digit that makes a bag positive", low=0, high=9),
-        "n_train_bags": Param(200, int, "training bags", low=1),
-        "n_val_bags": Param(50, int, "validation bags (checkpoint selection)", low=1),
-        "n_test_bags": Param(100, int, "held-out test bags", low=1),
         "pool_fractions": Param("0.55,0.15,0.30", str, "train,val,test shares of the digit pool"),
     }
     # this dataset's learning rate and epoch budget for every method. Digit bags sit on the attention-MIL
@@ -83,15 +86,13 @@ class QMNISTBags(Dataset):
     smoke = {"bag_size": 8, "n_train_bags": 8, "n_val_bags": 4, "n_test_bags": 8}
     augmentation = "per digit: random shift by up to 1/14 of its side (no flips: a flipped 6 is a 9)"
 
-    def augment(self, instances, generator):
+    def augment(self, instances: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Position jitter only: flips and rotations would turn other digits into the key digit."""
         from milbench.api import random_shift
 
         return random_shift(instances, generator, max(1, instances.shape[-1] // 14))
 
-    def status(self, data_root: str | None) -> DataStatus:
-        from milbench.errors import DataError
-
+    def status(self, data_root: str | None, overrides: Sequence[str] = ()) -> DataStatus:
         try:
             source, files, looked = _locate(data_root)
         except DataError as exc:
@@ -105,10 +106,11 @@ class QMNISTBags(Dataset):
                           "full" if complete else ("sample" if source == "sample" else "partial"),
                           f"{detail}: {', '.join(f.name for f, _ in files)} (~{n:,} digits)", looked, _FETCH)
 
-    def _read(self, data_root: str | None):
+    def _read(self, data_root: str | None) -> tuple[str, list[tuple[Path, Path]], np.ndarray, np.ndarray]:
+        """(source, files, digits (M, 28, 28) uint8, labels (M,) int64) from :func:`_locate`'s files."""
         import numpy as np
 
-        from milbench.data.idx import read_idx
+        from .idx import read_idx
 
         source, files, _ = _locate(data_root)
         images, labels = [], []
@@ -122,9 +124,7 @@ class QMNISTBags(Dataset):
             labels.append(y.astype(np.int64))
         return source, files, np.concatenate(images), np.concatenate(labels)
 
-    def verify(self, data_root: str | None) -> list[str]:
-        from milbench.errors import DataError
-
+    def verify(self, data_root: str | None, quick: bool = False) -> list[str]:
         try:
             source, files, x, y = self._read(data_root)
         except DataError as exc:
@@ -136,9 +136,9 @@ class QMNISTBags(Dataset):
             problems.append(f"labels are not the 10 digits: {sorted(set(y.tolist()))}")
         return problems
 
-    def download(self, data_root: str) -> None:
+    def download(self, data_root: str, variant: str | None = None) -> None:
         """Fetch QMNIST's official files (facebookresearch/qmnist) into ``<root>/QMNIST/raw``."""
-        from milbench.data.download import fetch
+        from milbench.api import fetch
 
         raw = Path(data_root) / "QMNIST" / "raw"
         for pair in _QMNIST:
@@ -149,8 +149,7 @@ class QMNISTBags(Dataset):
         import numpy as np
         import torch
 
-        from milbench.data.bags import PooledBags, ids_hash, plan_bags, split_pool
-        from milbench.errors import ConfigError, DataError
+        from milbench.api import PooledBags, ids_hash, plan_bags, split_pool
 
         source, files, x, y = self._read(data_root)
         if not files:
@@ -193,11 +192,10 @@ class QMNISTBags(Dataset):
 
 
 def raise_mismatch(img: Path, lab: Path, n_img: int, n_lab: int) -> None:
-    from milbench.errors import DataError
-
+    """A one-line :class:`DataError` for an image file and a label file of different lengths."""
     raise DataError(f"{img} has {n_img} images but {lab} has {n_lab} labels; re-download with '{_FETCH}'")
 
 
 @hookimpl
-def milbench_register_datasets(register):
+def milbench_register_datasets(register: Callable[[Dataset], None]) -> None:
     register(QMNISTBags())

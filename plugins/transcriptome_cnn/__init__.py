@@ -7,7 +7,7 @@ on the instance labels of the training bags (``supervision = "instance"``) --
 on mouse-brain the spot-centred patches -- with cross-entropy, class
 imbalance handled by inverse-frequency weights (``class_weights``), batch
 norms recalibrated on recent training patches before predicting
-(``bn_recalibrate``, see :meth:`PatchClassifier.recalibrate_bn`), and
+(``bn_recalibrate``, see :meth:`.classifier.PatchClassifier.recalibrate_bn`), and
 predicts
 
 * per instance: class probabilities; ``instance_scores`` = P(key class),
@@ -16,7 +16,7 @@ predicts
 * per pixel, for bags with a ground-truth ``mask``: a dense class map by a
   sliding window (``stride``, batched) as ``pixel_classes`` and P(key) as
   ``pixel_scores``; the harness scores them with
-  :func:`milbench.segmentation_metrics.dense_class_metrics`.
+  :func:`milbench.api.dense_class_metrics`.
 
 ``artifacts`` predicts the whole held-out test area (when the test split
 exposes one as ``area``, as mouse-brain's does) and writes
@@ -24,19 +24,28 @@ exposes one as ``area``, as mouse-brain's does) and writes
 prediction side by side with a legend -- plus Dice/precision/recall on that
 contiguous area (``area_*`` metrics). The method does not chunk a bag, so
 batch norm in training mode is fine here.
+
+The package. This module declares the method's keys and registers it without
+importing torch; the model is in :mod:`.classifier`, dense prediction by a
+sliding window in :mod:`.dense_map`, the test-area figure in :mod:`.figure`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from milbench.api import Bag, DataSpec, Method, Param, Prediction, RunContext, Splits, hookimpl
+from milbench.api import (Bag, ConfigError, DataError, DataSpec, Method, Param, Prediction, RunContext, Splits,
+                          did_you_mean, hookimpl)
 
-#: Class colours of the figure: background, gene A, gene B, tissue (then extra classes).
-CLASS_COLOURS = ("#000000", "#e6194b", "#3cb4e6", "#9a9a9a", "#ffe119", "#3cb44b", "#f58231", "#911eb4")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .classifier import PatchClassifier
 
 
 class TranscriptomeCNN(Method):
+    """The ``transcriptome-cnn`` method (module docstring)."""
+
     name = "transcriptome-cnn"
     supervision = "instance"
     description = "patch classifier (any timm backbone) trained on instance labels; dense class maps, Dice"
@@ -64,8 +73,6 @@ class TranscriptomeCNN(Method):
     @staticmethod
     def geometry(config: Mapping[str, Any], spec: DataSpec) -> tuple[int, int, int]:
         """(field of view, input size, stride) for this config and data."""
-        from milbench.errors import ConfigError
-
         size = config["patch_size"] or spec.instance_size
         if config["patch_fit"] == "crop":
             if size > spec.instance_size:
@@ -82,8 +89,6 @@ class TranscriptomeCNN(Method):
         patch geometry needs the data's instance size and is checked in ``build``."""
         import timm
 
-        from milbench.errors import ConfigError, did_you_mean
-
         if not timm.is_model(config["backbone"]):
             raise ConfigError(f"unknown timm backbone {config['backbone']!r}"
                               f"{did_you_mean(config['backbone'], timm.list_models())}")
@@ -95,15 +100,15 @@ class TranscriptomeCNN(Method):
                               f"patch_size, raise instance_size or use patch_fit=resize")
         size = patch or inst
         if size is not None:
-            from milbench.models.patch_classifier import check_backbone_input
+            from .classifier import check_backbone_input
 
             # each bag's patches are one training batch: the smallest bag (Gaussian sizes are clipped at 2)
             bag = config.get("bag_size") or 2
             smallest = min(int(bag), 2) if config.get("bag_size_std") else int(bag)
             check_backbone_input(config["backbone"], int(size), smallest)
 
-    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext):
-        from milbench.models.patch_classifier import PatchClassifier, build_backbone
+    def build(self, spec: DataSpec, config: Mapping[str, Any], ctx: RunContext) -> "PatchClassifier":
+        from .classifier import PatchClassifier, build_backbone
 
         field, size, _ = self.geometry(config, spec)
         backbone = build_backbone(config["backbone"], spec.channels, spec.n_classes)
@@ -114,7 +119,7 @@ class TranscriptomeCNN(Method):
         return model
 
     # ------------------------------------------------------------------ training / prediction
-    def backward(self, model, bag: Bag, config: Mapping[str, Any]) -> float:
+    def backward(self, model: "PatchClassifier", bag: Bag, config: Mapping[str, Any]) -> float:
         import torch.nn.functional as F
 
         x = bag.instances  # read once (a lazy bag materialises on each access)
@@ -126,9 +131,7 @@ class TranscriptomeCNN(Method):
         return float(loss.detach())
 
     @staticmethod
-    def _labels(model, bag: Bag):
-        from milbench.errors import DataError
-
+    def _labels(model: "PatchClassifier", bag: Bag) -> "torch.Tensor":
         if not getattr(bag, "instance_labels_known", True):
             raise DataError(f"bag {bag.bag_id} has no instance labels; transcriptome-cnn trains on instance labels "
                             f"(slides: give the manifest an annotation column with GeoJSON files)")
@@ -137,11 +140,12 @@ class TranscriptomeCNN(Method):
             raise DataError(f"bag {bag.bag_id}: instance label {int(labels.max())} outside 0..{model.n_classes - 1}")
         return labels
 
-    def predict(self, model, bag: Bag, config: Mapping[str, Any]) -> Prediction:
+    def predict(self, model: "PatchClassifier", bag: Bag, config: Mapping[str, Any]) -> Prediction:
         import torch
         import torch.nn.functional as F
 
-        from milbench.models.patch_classifier import dense_class_map, predict_batched
+        from .classifier import predict_batched
+        from .dense_map import dense_class_map
 
         batch = config["eval_batch"]
         model.recalibrate_bn()
@@ -159,14 +163,18 @@ class TranscriptomeCNN(Method):
         return pred
 
     # ------------------------------------------------------------------ artifacts
-    def artifacts(self, model, splits: Splits, config: Mapping[str, Any], ctx: RunContext) -> dict[str, Any]:
+    def artifacts(self, model: "PatchClassifier", splits: Splits, config: Mapping[str, Any],
+                  ctx: RunContext) -> dict[str, Any]:
         """Predict the test area, draw it, score it; report the class weighting used."""
         import os
 
         import torch
 
-        from milbench.models.patch_classifier import balanced_weights, dense_class_map
-        from milbench.segmentation_metrics import dense_class_metrics, metric_key
+        from milbench.api import dense_class_metrics, metric_key
+
+        from .classifier import balanced_weights
+        from .dense_map import dense_class_map
+        from .figure import draw_area_figure
 
         names = list(splits.spec.instance_classes)
         out: dict[str, Any] = {}
@@ -210,50 +218,11 @@ class TranscriptomeCNN(Method):
         return out
 
 
-def _stride(model, config: Mapping[str, Any]) -> int:
+def _stride(model: "PatchClassifier", config: Mapping[str, Any]) -> int:
     """Sliding-window stride: the config's, or half the classifier's field of view."""
     return int(config["stride"] or max(1, model.field // 2))
 
 
-def draw_area_figure(path: str, image: Any, truth: Any, pred: Any, names: list[str], genes: Mapping[str, Any],
-                     scores: Mapping[str, Any], title: str = "") -> None:
-    """Nuclei image | ground truth | prediction with a class legend, saved as PNG (Agg backend)."""
-    # The object API (no pyplot) draws with Agg and never touches the global backend.
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    from milbench.segmentation_metrics import metric_key
-
-    k = len(names)
-    cmap = ListedColormap(list(CLASS_COLOURS[:k]))
-    label = {"gene_a": f"gene A ({genes.get('gene_a', '?')})", "gene_b": f"gene B ({genes.get('gene_b', '?')})"}
-    h, w = image.shape
-    fig_h = 9.0
-    fig_w = min(18.0, max(6.0, 3 * fig_h * w / max(h, 1) + 1.5))
-    fig = Figure(figsize=(fig_w, fig_h), layout="constrained")
-    axes = fig.subplots(1, 3)
-    axes[0].imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    axes[0].set_title("nuclei image")
-    axes[1].imshow(truth, cmap=cmap, vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
-    axes[1].set_title("ground truth (spots)")
-    axes[2].imshow(pred, cmap=cmap, vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
-    md = scores.get("mean_dice")
-    axes[2].set_title("prediction" + (f" (mean Dice {md:.2f})" if md is not None else ""))
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    handles = []
-    for i, n in enumerate(names):
-        d = scores.get(f"dice_{metric_key(n)}")
-        handles.append(Patch(facecolor=CLASS_COLOURS[i], edgecolor="white",
-                             label=label.get(n, n) + (f": Dice {d:.2f}" if d is not None else "")))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, k), frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.savefig(path, dpi=80)
-
-
 @hookimpl
-def milbench_register_methods(register):
+def milbench_register_methods(register: Callable[[Method], None]) -> None:
     register(TranscriptomeCNN())

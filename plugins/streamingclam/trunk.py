@@ -1,0 +1,109 @@
+"""The CNN trunks ``streamingclam`` streams over a bag image, by name.
+
+Why this module exists: the trunk is the part of StreamingCLAM that milbench's
+streaming engine runs tile by tile, so it may hold only layers the engine can
+stream (convolutions, pooling, point-wise activations, frozen batch norms and
+residual additions; a ``Sequential`` so ``tile_size=auto`` can cut it into
+stages). The method checks a tile size against a trunk's geometry before any
+data is loaded, and ``benchmarks/streaming_memory.py`` streams bare trunks:
+keeping the trunks apart from the CLAM head (:mod:`.clam`) lets both build one
+without the head. It imports torch at module level, so the plugin imports it
+inside functions only, never at registration.
+
+Every batch norm is frozen (``FrozenBatchNorm2d`` from :mod:`milbench.api`): a
+training-mode batch norm would normalise each tile by its own statistics, and
+the streamed result would no longer equal the whole image's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from milbench.api import ConfigError, FrozenBatchNorm2d, first_line, freeze_batch_norms
+
+__all__ = ["build_trunk", "TRUNKS"]
+
+TRUNKS = ("small", "lenet", "resnet18", "resnet34", "resnet50")
+_RESNET_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
+                    "resnet50": (256, 512, 1024, 2048)}
+_SMALL_WIDTHS = (16, 32, 64, 128)
+
+
+def _small_trunk(in_channels: int, depth: int) -> tuple[nn.Sequential, int]:
+    """conv3x3-frozenBN-ReLU stages, 2x2 max-pool between them: stride 2**(depth-1),
+    receptive field 38 px at depth 4 (a 28-px digit fits in one position's view)."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for i in range(depth):
+        w = _SMALL_WIDTHS[i]
+        conv = nn.Conv2d(c, w, 3, padding=1)
+        # He init: with PyTorch's default (3x smaller weights per layer) the features start tiny, weight
+        # decay shrinks them further while attention MIL sits on its 0.693 plateau, and qmnist bags never
+        # learn; with He init they leave the plateau after ~20-25 epochs (measured, seeds 0 and 1).
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, FrozenBatchNorm2d(w), nn.ReLU(inplace=True)]
+        if i < depth - 1:
+            layers.append(nn.MaxPool2d(2))
+        c = w
+    return nn.Sequential(*layers), c
+
+
+def _lenet_trunk(in_channels: int, width: int = 128) -> tuple[nn.Sequential, int]:
+    """The LeNet-5-like digit encoder of Ilse et al. (abmil's 'lenet') made fully
+    convolutional: conv5(20)-pool-conv5(50)-pool, then its fully connected layer
+    as a 4x4 convolution. Unpadded, stride 4, receptive field 28 px: on a bag
+    image of 28-px digits every 7th position sees exactly one digit, as the
+    instance encoder would."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, 20, 5), FrozenBatchNorm2d(20), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5), FrozenBatchNorm2d(50), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(50, width, 4), nn.ReLU(inplace=True),
+    ]
+    return nn.Sequential(*layers), width
+
+
+def _resnet_trunk(name: str, in_channels: int, depth: int, pretrained: bool) -> tuple[nn.Sequential, int]:
+    import torchvision
+
+    ctor = getattr(torchvision.models, name)
+    try:
+        net = ctor(weights="IMAGENET1K_V1" if pretrained else None)
+    except Exception as exc:  # offline machines: torch.hub raises URLError, OSError, RuntimeError...
+        raise ConfigError(f"could not load ImageNet weights for {name} ({first_line(exc)}); set pretrained=false "
+                          "or put the weights in the torch hub cache") from None
+    if in_channels != 3:
+        old = net.conv1
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        if pretrained:  # grey or multi-channel input: spread the RGB filters' mean over the channels
+            with torch.no_grad():
+                net.conv1.weight.copy_(old.weight.mean(1, keepdim=True).repeat(1, in_channels, 1, 1)
+                                       * (3.0 / in_channels))
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4][:depth]
+    trunk = freeze_batch_norms(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages))
+    return trunk, _RESNET_CHANNELS[name][depth - 1]
+
+
+def build_trunk(name: str, in_channels: int, depth: int | None = None, pretrained: bool = False) -> nn.Sequential:
+    """A streamable CNN trunk by name, with every batch norm frozen.
+
+    ``small``: a few conv-ReLU-maxpool stages for CPU runs (``depth`` stages,
+    default 4, stride 8). ``resnet18/34/50``: torchvision's ResNet stem and the
+    first ``depth`` residual stages (default 4: stride 32, as StreamingCLAM),
+    random init unless ``pretrained`` (ImageNet weights; needs them downloaded).
+    The returned module has ``out_channels`` set for the head.
+    """
+    if name not in TRUNKS:
+        raise ConfigError(f"unknown trunk '{name}'; valid: {', '.join(TRUNKS)}")
+    depth = 4 if depth is None else int(depth)
+    if not 1 <= depth <= 4:
+        raise ConfigError(f"bad trunk_depth {depth}: valid 1..4 (stages of the trunk)")
+    if name in ("small", "lenet"):
+        if pretrained:
+            raise ConfigError(f"trunk '{name}' has no pretrained weights; set pretrained=false")
+        trunk, out = _small_trunk(in_channels, depth) if name == "small" else _lenet_trunk(in_channels)
+    else:
+        trunk, out = _resnet_trunk(name, in_channels, depth, pretrained)
+    trunk.out_channels = out
+    return trunk
