@@ -162,7 +162,7 @@ def run(child: ChildRun) -> None:
     """Load the data, build the model, train, evaluate and collect artifacts; status ``ok`` at the end."""
     import torch
 
-    from milbench.api import Dataset, RunContext
+    from milbench.contract import Dataset, RunContext
     from milbench.environment import torch_environment
     from milbench.measure import PhaseTimer
     from milbench.plugins import get_registry

@@ -45,6 +45,19 @@ def host_environment() -> dict[str, Any]:
     }
 
 
+def machine_load() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none).
+
+    Times measured on a shared machine are inflated by whatever else runs (two
+    jobs on two cores inflate even CPU seconds several-fold, threads spin while
+    they wait); the record keeps the load before and after the run so a reader
+    can tell a quiet-machine figure from a loaded one."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def torch_environment(device: Any) -> dict[str, Any]:
     """torch, CUDA, GPU name and driver (filled in by the child)."""
     import torch

@@ -14,7 +14,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     import click
 
-    from milbench.api import Dataset, Method, Metric
+    from milbench.contract import Dataset, Method, Metric
 
 hookspec = pluggy.HookspecMarker("milbench")
 

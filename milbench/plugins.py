@@ -126,7 +126,7 @@ def check_registered(kind: str, obj: Any) -> None:
     sets a protocol key, a dataset whose layers set keys it does not declare. Checked
     when the registry loads, so ``milbench list`` and ``milbench plugins`` show the
     plugin as broken with the reason, rather than every run failing later."""
-    from milbench.api import Dataset, Method, Metric
+    from milbench.contract import Dataset, Method, Metric
     from milbench.config import Param
     from milbench.protocol import check_dataset_layers, check_method_layers
 

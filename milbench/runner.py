@@ -208,7 +208,7 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
     Raises :class:`RunInterrupted` (after writing the record) if the user
     interrupted; every other outcome is a record, never an exception.
     """
-    from milbench.environment import host_environment
+    from milbench.environment import host_environment, machine_load
 
     record = new_record(plan, device, data_root, max_memory, extra)
     run_id = record["run_id"]
@@ -221,6 +221,7 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
         progress_path = Path(tmp) / "progress.json"
         spec_path.write_text(ChildSpec(plan.method, plan.dataset, plan.config, plan.seed, device, data_root,
                                        str(artifact_dir), max_memory, str(progress_path)).to_json())
+        load_before = machine_load()
         t0 = time.perf_counter()
         outcome, error = None, None
         show = RunProgress(progress_path, plan.config.get("epochs"), enabled=False if quiet else None)
@@ -254,7 +255,8 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
     for key in CHILD_FIELDS:
         if child.get(key) is not None:
             record[key] = child[key]
-    record["environment"] = {**host_environment(), **(child.get("environment") or {})}
+    record["environment"] = {**host_environment(), **(child.get("environment") or {}),
+                             "load_avg_before": load_before, "load_avg_after": machine_load()}
     code = proc.returncode
     if outcome:
         record["status"], record["error"] = outcome, error

@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from milbench.api import Bag, LazyBag, Method, Prediction, RunContext, Splits
+from milbench.bag import Bag, LazyBag
+from milbench.contract import Method, Prediction, RunContext, Splits
 from milbench.measure import PhaseTimer
 from milbench.errors import first_line
 from milbench.metrics import bag_auc, bag_bce, evaluate

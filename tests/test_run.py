@@ -39,6 +39,9 @@ def test_record_schema(smoke_record):
     assert mem["cpu_peak_rss_bytes"] > 50 * 2**20
     assert mem["cpu_peak_rss_bytes"] >= mem["cpu_setup_rss_bytes"] >= mem["cpu_baseline_rss_bytes"]
     assert rec["environment"]["torch"] and rec["environment"]["python"]
+    # the machine's load around the run, so a loaded-machine time is recognisable as one
+    assert all(len(rec["environment"][k]) == 3 and min(rec["environment"][k]) >= 0
+               for k in ("load_avg_before", "load_avg_after"))
     h = rec["history"]
     assert len(h) == 1 and {"epoch", "train_loss", "val_loss", "val_bag_auc", "seconds"} <= set(h[0])
     assert rec["data"]["source"] in ("sample", "mnist", "qmnist")

@@ -145,7 +145,7 @@ class PooledBags(LazyBags):
     def _bag(self, i: int):
         import torch
 
-        from milbench.api import Bag
+        from milbench.bag import Bag
 
         plan = self.plans[i]
         x = self.get_instances(plan.indices)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from milbench.api import DataSpec, Param
+from milbench.config import Param
+from milbench.contract import DataSpec
 from milbench.models.names import ENCODERS, NORMS  # names only: this module is imported at plugin registration
 
 ATTENTION_MIL_PARAMS: dict[str, Param] = {
