@@ -127,20 +127,27 @@ def _cpu_s(rec: dict) -> float | None:
     return sum(parts) if parts else None
 
 
+def _load(rec: dict) -> str:
+    """The 1-minute load average before and after a run (older records did not keep it)."""
+    env = rec.get("environment") or {}
+    a, b = env.get("load_avg_before"), env.get("load_avg_after")
+    return f"{a[0]:.1f} → {b[0]:.1f}" if a and b else "not recorded"
+
+
 def main_job_table() -> str:
     """The README's first command on the shipped sample, one row per seed (results/main-job)."""
     recs = [r for r in _records("results/main-job") if not r.get("smoke")]
     if not recs:
         return "(no records yet)"
     lines = ["| seed | status | test AUC | test accuracy | epochs (best) | process CPU s | wall s | torch threads | "
-             "warnings |", "|---|---|---|---|---|---|---|---|---|"]
+             "load before → after (1 min) | warnings |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(recs, key=lambda r: r["seed"]):
         m, t = r.get("metrics") or {}, r.get("timing") or {}
         cpu = _cpu_s(r)
         lines.append(f"| {r['seed']} | {r['status']} | {_cell([m.get('bag_auc')])} | {_cell([m.get('bag_accuracy')])} | "
                      f"{t.get('epochs', '—')} ({r.get('best_epoch', '—')}) | {_cell([cpu], 0)} | "
                      f"{_cell([t.get('wall_s')], 0)} | {(r.get('environment') or {}).get('torch_threads', '—')} | "
-                     f"{'; '.join(r.get('warnings') or []) or '—'} |")
+                     f"{_load(r)} | {'; '.join(r.get('warnings') or []) or '—'} |")
     return "\n".join(lines) + "\n"
 
 
