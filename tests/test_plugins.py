@@ -13,7 +13,7 @@ import pytest
 from conftest import records_in, run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).parent.parent / "plugins" / "examples"
 #: The shipped Imagenette sample is an ImageFolder tree (train/<wnid>/*.JPEG): real images for the
 #: example dataset plugin; n03445777 is golf ball.
 IMAGE_TREE = Path(__file__).parent.parent / "plugins" / "data" / "imagenette-sample" / "train"
@@ -36,8 +36,8 @@ def make_dist(site: Path, dist: str, entry_points: dict[str, str], modules: list
 
 @pytest.fixture(scope="module")
 def thirdparty_site(tmp_path_factory) -> Path:
-    """pip-install the README's two example plugins (examples/meanpool, a method, and
-    examples/image_folder, a dataset) into a private target dir, as a user would."""
+    """pip-install the README's two example plugins (plugins/examples/meanpool, a method,
+    and plugins/examples/image_folder, a dataset) into a private target dir, as a user would."""
     target = tmp_path_factory.mktemp("site")
     for example, dist in (("meanpool", "milbench_meanpool-0.2.0"), ("image_folder", "milbench_image_folder-0.1.0")):
         src = tmp_path_factory.mktemp("src") / example
@@ -159,7 +159,7 @@ def test_example_dataset_plugin_runs_with_builtin_and_thirdparty_methods(thirdpa
 @pytest.mark.parametrize("example, module", [("meanpool", "milbench_meanpool.py"),
                                              ("image_folder", "milbench_image_folder.py")])
 def test_readme_plugin_examples_are_the_tested_ones(example, module):
-    """The README's third-party examples are the packages under examples/, verbatim."""
+    """The README's third-party examples are the packages under plugins/examples/, verbatim."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name in (module, "pyproject.toml"):
-        assert (EXAMPLES / example / name).read_text().strip() in readme, f"README lacks examples/{example}/{name}"
+        assert (EXAMPLES / example / name).read_text().strip() in readme, f"README lacks plugins/examples/{example}/{name}"

@@ -1,8 +1,10 @@
 """The ``slides`` dataset on real pyramidal files written by its generator.
 
 Slides are generated once per module into a pytest tmp dir (small: 768 x 512
-at level 0, three levels, SVS + generic TIFF + PNG), from the MNIST digits
-shipped with milbench, so nothing here needs ../shared/data.
+at level 0, three levels, SVS + generic TIFF + PNG, and a second set of SVS +
+generic TIFF + OME-TIFF), from the MNIST digits shipped with milbench, so
+nothing here needs ../shared/data. One large real slide is written too: the
+pciSeq CA1 section shipped with the mouse_brain plugin (7,602 x 5,471 px).
 """
 
 from __future__ import annotations
@@ -264,3 +266,136 @@ def test_data_command_reports_the_manifest(slides, tmp_path):
     assert row["complete"] and "10 slides" in row["detail"]
     assert "aperio x4" in row["detail"] and "generic-tiff x4" in row["detail"] and "png x2" in row["detail"]
     assert "tiles per slide at instance_size=32" in row["detail"]
+
+
+# -- OME-TIFF (tifffile path) and a real large slide -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    """Two slides each of SVS, generic TIFF and OME-TIFF in one manifest (slide-004/005 are OME-TIFF),
+    written through the generator's command line."""
+    from milbench_plugins.slides.generator import main
+
+    out = tmp_path_factory.mktemp("mixed")
+    assert main([str(out), "--n", "6", "--size", f"{SIZE[0]}x{SIZE[1]}", "--formats", "svs,tiff,ome-tiff",
+                 "--levels", "3", "--mpp", "0.5", "--seed", "2"]) == 0
+    return out / "manifest.csv"
+
+
+def test_ome_tiff_is_a_subifd_pyramid_read_through_tifffile(mixed, tmp_path):
+    import tifffile
+
+    path = mixed.parent / "slide-004.ome.tiff"
+    with tifffile.TiffFile(path) as tif:  # laid out as OME-TIFF pyramids are: one IFD, reduced levels in its SubIFDs
+        assert tif.is_ome and tif.is_bigtiff and len(tif.pages) == 1 and len(tif.pages[0].subifds) == 2
+        assert 'PhysicalSizeX="0.5" PhysicalSizeXUnit="µm"' in tif.ome_metadata
+        assert tif.pages[0].tags["ResolutionUnit"].value == 1  # no TIFF unit: mpp can only come from the OME-XML
+    r = open_slide(path, "slide-004")
+    assert (r.backend, r.format) == ("tifffile", "ome-tiff")
+    assert r.level_count == 3 and r.level_downsamples == [1.0, 2.0, 4.0]
+    assert r.dimensions == SIZE and abs(r.mpp - 0.5) < 1e-9
+    a = r.read(0, 256, 128, 128, 128).astype(float)
+    b = r.read(1, 256, 128, 64, 64).astype(float)
+    assert np.abs(a.reshape(64, 2, 64, 2, 3).mean((1, 3)) - b).mean() < 8
+    tiling = tile_slide(r, TilingKeys(32, None, 0, 0.25, 0.05, 2048), tmp_path)
+    n_cells = (SIZE[0] // 32) * (SIZE[1] // 32)
+    assert 0.1 * n_cells < len(tiling.cells) < 0.9 * n_cells
+    chroma = lambda t: float((t.max(-1) - t.min(-1)).mean())  # noqa: E731
+    kept = np.mean([chroma(r.read(0, int(x), int(y), 32, 32).astype(float)) for x, y in tiling.xy0()[::10]])
+    assert kept > 25 and chroma(r.read(0, 0, 0, 32, 32).astype(float)) < 12
+    at_mpp = tile_slide(r, TilingKeys(32, 1.0, 0, 0.25, 0.05, 2048), tmp_path)  # the mpp the OME-XML gave
+    assert at_mpp.resolution.level == 1 and at_mpp.resolution.step0 == 64
+
+
+def test_cli_run_on_svs_tiff_and_ome_tiff_slides(mixed, tmp_path):
+    res = tmp_path / "res"
+    r = run_cli("run", "-m", "grad-accum", "-d", "slides", "--smoke", "--device", "cpu",
+                "--set", f"manifest={mixed}", "--set", f"tile_cache={tmp_path / 'cache'}",
+                env={"MILBENCH_RESULTS": str(res)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = records_in(res)[0]
+    assert rec["status"] == "ok"
+    per = {p["slide_id"]: p for p in rec["data"]["per_slide"]}
+    assert sorted((p["format"], p["backend"]) for p in per.values()) == sorted(
+        [("aperio", "openslide")] * 2 + [("generic-tiff", "openslide")] * 2 + [("ome-tiff", "tifffile")] * 2)
+    assert all(p["levels"] == 3 and p["mpp"] == 0.5 and p["tiles"] > 0 for p in per.values())
+
+
+def test_mouse_brain_section_as_a_large_pyramidal_tiff(tmp_path):
+    """The pciSeq CA1 section (7,602 x 5,471 px, full scale) written as a deflate-tiled 4-level TIFF.
+
+    The label image is the truth: the slide shows its nuclei in haematoxylin on glass, so tiles the
+    tiler keeps must hold nuclei, dense nuclei must be kept, and empty glass must give no tile."""
+    import torch
+
+    from milbench_plugins.mouse_brain.section import EMBEDDED, LABEL_IMAGE_NAME, read_label_image, render_nuclei
+    from milbench_plugins.slides.bags import SlideBags, to_float
+    from milbench_plugins.slides.generator import BACKGROUND, INK, write_slide
+
+    image, nuclei = render_nuclei(read_label_image(EMBEDDED / LABEL_IMAGE_NAME))
+    h, w = nuclei.shape
+    assert (w, h) == (7602, 5471)
+    lut = np.stack([BACKGROUND, (BACKGROUND + INK) / 2, INK]).round().astype(np.uint8)  # glass, rim, nucleus
+    rgb = lut[(image * 2).astype(np.uint8)]
+    del image
+    # deflate (lossless) so read-backs equal ``rgb``; mpp 0.5 is nominal (the label image carries none)
+    path = write_slide(tmp_path / "ca1", rgb, "tiff", levels=4, mpp=0.5, compression="zlib")
+    r = open_slide(path, "ca1")
+    assert (r.backend, r.format) == ("openslide", "generic-tiff")
+    assert r.dimensions == (w, h) and r.level_count == 4 and abs(r.mpp - 0.5) < 1e-6
+    assert r.level_dimensions[1] == (w // 2, h // 2)
+
+    p = 64
+    keys = TilingKeys(p, None, 0, 0.25, 0.05, 2048)
+    cache = tmp_path / "cache"
+    tiling = tile_slide(r, keys, cache)
+    again = tile_slide(r, keys, cache)
+    assert not tiling.from_cache and again.from_cache and len(list(cache.glob("ca1-*.npz"))) == 1
+    assert np.array_equal(tiling.cells, again.cells) and np.array_equal(tiling.tissue, again.tissue)
+    n_rows, n_cols = tiling.grid_size
+    assert (n_rows, n_cols) == (h // p, w // p)
+    share = nuclei[:n_rows * p, :n_cols * p].reshape(n_rows, p, n_cols, p).mean((1, 3))  # nucleus share per cell
+    kept = np.zeros_like(share, bool)
+    kept[tiling.cells[:, 0], tiling.cells[:, 1]] = True
+    assert 0.05 * kept.size < kept.sum() < 0.5 * kept.size  # a section on a mostly empty slide
+    assert (share[kept] > 0).mean() > 0.9  # kept tiles hold nuclei
+    assert kept[share >= 0.4].mean() > 0.95  # and the densely nucleated ones are kept
+    near = np.pad(share, 1)  # empty glass: no nucleus pixel in a cell or its 8 neighbours
+    near = np.max([near[i:i + n_rows, j:j + n_cols] for i in range(3) for j in range(3)], axis=0)
+    assert (near == 0).sum() > 0.3 * kept.size and not kept[near == 0].any()
+    for rows, cols in ((slice(0, 10), slice(0, 10)), (slice(0, 10), slice(-10, None)),
+                       (slice(-10, None), slice(-10, None))):  # three corners of the section image are empty
+        assert share[rows, cols].max() == 0 and not kept[rows, cols].any()
+
+    # a lazy bag over the slide reads each tile as the crop of the written image, converted as the reader does
+    r0, r1, c0, c1 = tiling.bbox
+    n = len(tiling.cells)
+    bag = SlideBags([{"path": path, "slide_id": "ca1", "label": 1, "res": tiling.resolution, "cells": tiling.cells,
+                      "xy0": tiling.xy0(), "bbox": tiling.bbox, "instance_labels": np.zeros(n, np.int64),
+                      "annotated": False, "ids": [f"ca1:{i}" for i in range(n)]}])[0]
+    assert len(bag) == n and bag.grid_shape == (r1 - r0, c1 - c0)
+    idx = np.random.default_rng(0).choice(n, 24, replace=False)
+    tiles = bag.lazy_instances.index_select(0, torch.as_tensor(idx))
+    xy = tiling.xy0(idx)
+    want = to_float(np.stack([rgb[y:y + p, x:x + p] for x, y in xy]))
+    assert tiles.shape == (24, 3, p, p) and torch.equal(tiles, want)
+
+
+@pytest.mark.parametrize("size, unit, mpp", [(0.25, None, 0.25), (250.0, "nm", 0.25), (0.0005, "mm", 0.5),
+                                             (0.25, "furlong", None)])
+def test_ome_mpp_honours_the_physical_size_unit(size, unit, mpp, tmp_path):
+    """OME sizes may be in any unit (µm by default); an unknown unit gives no mpp, not a wrong one."""
+    import numpy as np
+    import tifffile
+
+    from milbench_plugins.slides.reader import _tiff_mpp
+
+    meta = {"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeY": size}
+    if unit:
+        meta.update(PhysicalSizeXUnit=unit, PhysicalSizeYUnit=unit)
+    path = tmp_path / "unit.ome.tiff"
+    tifffile.imwrite(path, np.zeros((16, 16, 3), np.uint8), ome=True, photometric="rgb", metadata=meta)
+    with tifffile.TiffFile(path) as tif:
+        got = _tiff_mpp(tif)
+    assert got == pytest.approx(mpp) if mpp is not None else got is None

@@ -9,6 +9,10 @@ of the one above), mpp in the metadata, written with tifffile as
   ``MPP`` and ``AppMag``; OpenSlide's ``aperio`` reader opens it),
 * ``tiff``: generic tiled TIFF, levels as successive directories, mpp as
   X/YResolution in centimetres (OpenSlide's ``generic-tiff`` reader),
+* ``ome-tiff``: an OME-TIFF pyramid laid out as bfconvert and tifffile write
+  them (BigTIFF, one OME image, the reduced levels as SubIFDs of level 0 with
+  ``NewSubfileType`` 1, mpp only as the OME ``PhysicalSizeX``/``Y`` in µm);
+  OpenSlide cannot read its levels, so the reader's tifffile path opens it,
 * ``png`` / ``jpg``: a plain image (one level, no mpp) -- the PIL path.
 
 Content the label depends on: MNIST digits (from ``MNIST/raw`` under a data
@@ -44,7 +48,9 @@ BACKGROUND = np.array([236, 233, 238], np.float32)  # glass: light and nearly gr
 TISSUE = np.array([232, 165, 200], np.float32)  # eosin pink
 INK = np.array([80, 30, 120], np.float32)  # haematoxylin purple
 KEY_DIGIT = 9
-FORMATS = ("svs", "tiff", "png", "jpg")
+FORMATS = ("svs", "tiff", "ome-tiff", "png", "jpg")
+#: File suffix per format where it is not ``"." + format``.
+SUFFIXES = {"ome-tiff": ".ome.tiff"}
 
 
 def load_digits(data_root: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -130,24 +136,28 @@ def pyramid(level0: np.ndarray, levels: int) -> list[np.ndarray]:
 
 
 def write_slide(path: Path, level0: np.ndarray, fmt: str, levels: int = 3, mpp: float = 0.5, tile: int = 256,
-                quality: int = 85) -> Path:
-    """Write ``level0`` (H, W, 3) uint8 as a tiled JPEG pyramid in ``fmt`` (svs, tiff) or a plain png/jpg."""
+                quality: int = 85, compression: str = "jpeg") -> Path:
+    """Write ``level0`` (H, W, 3) uint8 as a tiled pyramid in ``fmt`` (svs, tiff, ome-tiff) or a plain png/jpg.
+
+    ``compression``: tifffile's name for the tiles' codec (``jpeg``, the scanners' choice; ``zlib``
+    (deflate) for lossless tiles, so a read-back equals ``level0`` exactly)."""
     import tifffile
     from PIL import Image
 
-    path = path.with_suffix("." + fmt)
+    path = path.with_suffix(SUFFIXES.get(fmt, "." + fmt))
     if fmt in ("png", "jpg"):
         Image.fromarray(level0).save(path, quality=quality) if fmt == "jpg" else Image.fromarray(level0).save(path)
         return path
     pyr = pyramid(level0, levels)
     h0, w0 = level0.shape[:2]
-    big = level0.nbytes > 2**31
-    with tifffile.TiffWriter(path, bigtiff=big) as tw:
+    ome = fmt == "ome-tiff"
+    big = ome or level0.nbytes > 2**31  # BigTIFF, as tifffile's OME pyramid example writes it
+    with tifffile.TiffWriter(path, bigtiff=big, ome=ome) as tw:
         for i, lv in enumerate(pyr):
             h, w = lv.shape[:2]
             ds = w0 / w
-            opts = dict(tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
-                        photometric="rgb", metadata=None)
+            opts = dict(tile=(tile, tile), compression=compression, photometric="rgb", metadata=None,
+                        compressionargs={"level": quality} if compression == "jpeg" else None)
             if fmt == "svs":
                 if i == 0:
                     desc = (f"Aperio Image Library v12.0.15 \r\n{w0}x{h0} [0,0 {w0}x{h0}] ({tile}x{tile}) "
@@ -159,6 +169,15 @@ def write_slide(path: Path, level0: np.ndarray, fmt: str, levels: int = 3, mpp: 
                 px_per_cm = 1e4 / (mpp * ds)
                 tw.write(lv, resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
                          subfiletype=0 if i == 0 else 1, **opts)
+            elif ome:
+                if i == 0:  # the OME image; the next len(pyr) - 1 writes become its SubIFDs
+                    opts["metadata"] = {"axes": "YXS", "Name": path.name.split(".")[0],
+                                        "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
+                                        "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
+                    tw.write(lv, subifds=len(pyr) - 1, **opts)
+                else:
+                    del opts["metadata"]
+                    tw.write(lv, subfiletype=1, **opts)
             else:
                 raise ValueError(f"unknown slide format {fmt!r}; valid: {', '.join(FORMATS)}")
     return path

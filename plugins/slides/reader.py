@@ -6,8 +6,10 @@ bags never care what the file was:
 * **OpenSlide** (``openslide-python`` with the ``openslide-bin`` wheel, so no
   system library is needed) reads Aperio SVS, Hamamatsu NDPI, generic tiled
   TIFF, Philips, Ventana, MIRAX, ... and gives levels, downsamples and mpp.
-* **tifffile** reads TIFF/OME-TIFF pyramids OpenSlide refuses (e.g. OME-TIFF
-  with SubIFDs). It has no random-access region reader without zarr, so a
+* **tifffile** reads TIFF/OME-TIFF pyramids OpenSlide refuses or misreads:
+  OpenSlide's ``generic-tiff`` reader accepts a tiled OME-TIFF but sees only
+  its first directory (no SubIFD levels, no OME mpp), so an OME-TIFF it
+  claims goes to tifffile instead. It has no random-access region reader without zarr, so a
   level is decoded whole the first time it is read and kept; fine for the
   modest files that end up here, and documented as the fallback it is.
 * **PIL** reads PNG/JPEG (any size: the decompression-bomb guard is lifted for
@@ -207,15 +209,23 @@ class _TiffReader(_ArrayLevelsReader):
         self._tif.close()
 
 
+#: OME ``PhysicalSizeXUnit`` values -> micrometres per unit (OME's default unit is µm).
+_OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "pm": 1e-6}
+
+
 def _tiff_mpp(tif: Any) -> float | None:
-    """mpp from OME PhysicalSizeX (µm) or from XResolution with a cm/inch unit."""
+    """mpp from OME PhysicalSizeX (in its PhysicalSizeXUnit, µm by default) or from
+    XResolution with a cm/inch unit. An OME unit we do not know gives no mpp rather
+    than a wrong one."""
     try:
         if tif.is_ome and tif.ome_metadata:
             import re
 
             m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
             if m:
-                return float(m.group(1))
+                u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+                scale = _OME_UNIT_UM.get(u.group(1) if u else "µm")
+                return float(m.group(1)) * scale if scale is not None else None
         page = tif.pages[0]
         tags = page.tags
         if "XResolution" in tags and "ResolutionUnit" in tags:
@@ -267,9 +277,20 @@ def open_slide(path: Path, slide_id: str) -> SlideReader:
         fmt = openslide.OpenSlide.detect_format(str(path))
     except Exception:
         fmt = None
-    if fmt:
+    if fmt and not (fmt == "generic-tiff" and _is_ome_tiff(path)):
         return _OpenSlideReader(path, slide_id, fmt)
     return _TiffReader(path, slide_id)
+
+
+def _is_ome_tiff(path: Path) -> bool:
+    """Whether the first directory carries OME-XML (reads the header and first IFD only)."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as tif:
+            return bool(tif.is_ome)
+    except Exception:
+        return False
 
 
 def slide_checksum(path: Path, sample: int = 1 << 20) -> str:
