@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from milbench.models.encoders import create_encoder, min_instance_size, norm2d
     from milbench.models.norms import FrozenBatchNorm2d, freeze_batch_norms, require_batch_independent
     from milbench.models.streaming import (
-        DEFAULT_TILE_BUDGET_BYTES, StagePlan, StreamingTrunk, auto_stages, describe, geometry,
+        ACTIVATION_HEADROOM, DEFAULT_TILE_BUDGET_BYTES, StagePlan, kept_map_bytes, kept_maps_error, stage_maps, StreamingTrunk, auto_stages, describe, geometry,
         streamed_forward_backward)
     from milbench.protocol import PROTOCOL_PARAMS
     from milbench.segmentation_metrics import dense_class_metrics, metric_key
@@ -66,7 +66,8 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("FrozenBatchNorm2d", "freeze_batch_norms", "require_batch_independent"), "milbench.models.norms"),
     # the streaming engine: exact gradients of a CNN on an image larger than memory, tile by tile
     **dict.fromkeys(("StreamingTrunk", "streamed_forward_backward", "geometry", "auto_stages", "StagePlan",
-                     "describe", "DEFAULT_TILE_BUDGET_BYTES"), "milbench.models.streaming"),
+                     "describe", "DEFAULT_TILE_BUDGET_BYTES", "ACTIVATION_HEADROOM", "kept_map_bytes", "kept_maps_error",
+                     "stage_maps"), "milbench.models.streaming"),
     # dense (pixel) class metrics for methods that predict class maps
     **dict.fromkeys(("dense_class_metrics", "metric_key"), "milbench.segmentation_metrics"),
     # the training protocol's keys (a dataset may set their defaults, a method may not)

@@ -445,3 +445,25 @@ def test_cuda_streamed_equals_plain():
     assert (out - ref).abs().max().item() <= 1e-9
     assert all((g - r).abs().max().item() <= 1e-9 for g, r in zip(grads, ref_grads))
     assert (gx - ref_gx.cpu()).abs().max().item() <= 1e-9
+
+
+def test_auto_stages_subtracts_the_kept_maps_of_the_image():
+    """Sized for an image, auto_stages gives tiles what the maps kept whole leave of the
+    tile_share of the budget (the rest is headroom), and refuses with one line when those
+    maps alone do not fit in that share."""
+    from milbench.errors import ConfigError as _ConfigError
+    from milbench.models.streaming import auto_stages, kept_map_bytes, stage_maps
+
+    trunk = plain_trunk()
+    free = 64 * 2**20
+    plan = auto_stages(trunk, free, image_shape=(1024, 1024), tile_share=0.5)
+    maps = stage_maps(trunk, plan.split, plan.out_channels, 1024, 1024)
+    assert plan.kept_map_bytes == kept_map_bytes(maps, 4) > 0
+    assert plan.budget_bytes == pytest.approx(0.5 * free - plan.kept_map_bytes)
+    with pytest.raises(_ConfigError, match=r"^a 8192x8192 image needs \d+ MiB .*more than the budget of 64 MiB; "
+                                           r"raise --max-memory"):
+        auto_stages(trunk, free, image_shape=(8192, 8192), tile_share=0.5)
+    # maps that fit the whole budget but not its tile_share are refused too: no room left for tiles
+    kept = auto_stages(trunk, 2**40, image_shape=(2048, 2048), tile_share=0.5, max_stages=1).kept_map_bytes
+    with pytest.raises(_ConfigError, match=r"^a 2048x2048 image needs"):
+        auto_stages(trunk, 1.5 * kept, image_shape=(2048, 2048), tile_share=0.5, max_stages=1)

@@ -266,3 +266,92 @@ def test_attention_lands_where_the_trunk_looked(trunk, pool):
     peak = (pix == pix.max()).nonzero()[0].tolist()
     assert all(abs(peak[i] - centre[i]) <= 0.5 for i in range(2))
     assert float(pix.min()) >= 0.0 and float(pix.max()) <= 1.0
+
+
+def test_kept_map_estimate_matches_the_tensors_a_step_keeps(plugin, monkeypatch):
+    """The planner's kept-map bytes (maps between stages, the trunk's output, their
+    gradients, the head's saved activations) equal the sizes of the tensors a real
+    streamed step keeps, measured in-process on a small image (the head's share
+    without the engine's headroom factor, which the estimate adds on top)."""
+    import psutil
+
+    from milbench.models.streaming import ACTIVATION_HEADROOM, StreamingTrunk, streamed_forward_backward
+    from milbench_plugins.streamingclam.clam import clam_loss
+
+    method = plugin.StreamingCLAM()
+    config = make_config(method)
+    limit = psutil.Process().memory_info().rss + 2**30
+    model = method.build(DataSpec(channels=3, instance_size=32), config, RunContext("cpu", 0, max_memory_bytes=limit))
+    x = torch.randn(3, 256, 320)
+    plugin.fit_image(model, x.shape, config)
+    rec = method.artifacts(model, None, config, RunContext("cpu", 0))
+    assert rec["stream_stages"] == 2 and rec["stream_image_pixels"] == 256 * 320
+    sizes: dict[str, int] = {"maps": 0, "grad_in": 0, "F": 0, "dF": 0, "head": 0}
+    orig_fwd, orig_back = StreamingTrunk.forward_streamed, StreamingTrunk._stage_backward
+
+    def forward_streamed(self, image, keep_for_backward=False):
+        out = orig_fwd(self, image, keep_for_backward)
+        sizes["maps"] += sum(m.numel() * m.element_size() for m in self._saved[1][1:])
+        return out
+
+    def stage_backward(self, *args, **kwargs):
+        g = orig_back(self, *args, **kwargs)
+        sizes["grad_in"] += 0 if g is None else g.numel() * g.element_size()
+        return g
+
+    monkeypatch.setattr(StreamingTrunk, "forward_streamed", forward_streamed)
+    monkeypatch.setattr(StreamingTrunk, "_stage_backward", stage_backward)
+    head_saved: dict[int, int] = {}
+
+    def head_loss(f):
+        sizes["F"] = f.numel() * f.element_size()
+        skip = {t.untyped_storage().data_ptr() for t in model.head.parameters()} | {f.untyped_storage().data_ptr()}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in skip:
+                head_saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        f.register_hook(lambda g: sizes.__setitem__("dF", g.numel() * g.element_size()))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return clam_loss(model.head(f, 1), 1, config["inst_weight"])
+
+    streamed_forward_backward(model.stream, x, head_loss)
+    sizes["head"] = sum(head_saved.values())
+    assert sizes["maps"] > 0 and sizes["maps"] == sizes["grad_in"] and sizes["F"] == sizes["dF"]
+    positions = (256 // 8) * (320 // 8)
+    head_estimate = model.head_bpp / ACTIVATION_HEADROOM * positions
+    assert abs(head_estimate - sizes["head"]) <= 0.01 * sizes["head"]
+    trunk_maps = sizes["maps"] + sizes["grad_in"] + sizes["F"] + sizes["dF"]
+    estimate = rec["stream_kept_map_bytes"]
+    assert estimate == pytest.approx(trunk_maps + model.head_bpp * positions, rel=1e-3)
+
+
+def test_an_image_too_large_for_max_memory_is_refused_before_training(plugin):
+    """When the kept maps of an image alone exceed what --max-memory leaves free,
+    the first backward refuses it with one line naming the image, the bytes and the
+    limit -- before any tile runs; a smaller image under the same limit trains, with
+    tiles sized to what the kept maps leave."""
+    import psutil
+
+    method = plugin.StreamingCLAM()
+    config = make_config(method, hidden_dim=16, attn_dim=8)
+    limit = psutil.Process().memory_info().rss + 48 * 2**20
+    model = method.build(DataSpec(channels=1, instance_size=16), config, RunContext("cpu", 0, max_memory_bytes=limit))
+    free_budget = model.tile_sizing["stream_tile_budget_bytes"]
+
+    class Huge:  # only the shape is read before the refusal
+        shape = torch.Size((1, 8192, 8192))
+
+    bag = make_bag(channels=1, dtype=torch.float32)
+    monkey = type("B", (), {"lazy_image": Huge(), "label": 1})()
+    with pytest.raises(ConfigError) as err:
+        method.backward(model, monkey, config)
+    msg = str(err.value)
+    assert "\n" not in msg and "8192x8192 image needs" in msg and "--max-memory" in msg and "MiB" in msg
+    assert "out of memory" not in msg.lower()  # a clear 'failed', not mistaken for an oom
+    assert all(p.grad is None for p in model.parameters())
+    loss = method.backward(model, bag, config)
+    assert loss == loss
+    rec = method.artifacts(model, None, config, RunContext("cpu", 0))
+    assert 0 < rec["stream_kept_map_bytes"] and rec["stream_tile_budget_bytes"] < free_budget

@@ -77,7 +77,7 @@ from milbench.errors import ConfigError
 __all__ = [
     "Geometry", "Tile", "StreamingTrunk", "geometry", "plan_tiles", "streamed_forward_backward",
     "register_pointwise", "describe", "activation_bytes_per_pixel", "auto_tile_size", "DEFAULT_TILE_BUDGET_BYTES",
-    "StagePlan", "auto_stages",
+    "StagePlan", "auto_stages", "kept_map_bytes", "stage_maps", "kept_maps_error",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -772,9 +772,9 @@ def auto_tile_size(geo: Geometry, bytes_per_pixel: float, budget_bytes: float) -
 
 
 def _child_saved_bytes(trunk: nn.Sequential, side: int, channels: int, device: torch.device,
-                       dtype: torch.dtype) -> list[int]:
+                       dtype: torch.dtype, out_sizes: list[int] | None = None) -> list[int]:
     """Like :func:`_saved_bytes`, per child of a Sequential trunk (a storage counts
-    for the child that saved it first)."""
+    for the child that saved it first); ``out_sizes`` receives each child's output channels."""
     params = {p.untyped_storage().data_ptr() for p in trunk.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in trunk.buffers()}
     seen: dict[int, int] = {}
@@ -789,6 +789,9 @@ def _child_saved_bytes(trunk: nn.Sequential, side: int, channels: int, device: t
             per_child[current[0]] += st.nbytes()
         return t
 
+    out_channels = [0] * len(trunk)
+    hooks += [m.register_forward_hook(lambda _m, _a, y, i=i: out_channels.__setitem__(i, int(y.shape[1])))
+              for i, m in enumerate(trunk)]
     try:
         x = torch.zeros(1, channels, side, side, device=device, dtype=dtype, requires_grad=True)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -797,6 +800,8 @@ def _child_saved_bytes(trunk: nn.Sequential, side: int, channels: int, device: t
     finally:
         for h in hooks:
             h.remove()
+    if out_sizes is not None:
+        out_sizes[:] = out_channels
     return per_child
 
 
@@ -804,17 +809,67 @@ def _child_saved_bytes(trunk: nn.Sequential, side: int, channels: int, device: t
 class StagePlan:
     """How ``tile_size="auto"`` streams a trunk: cuts before these children, one
     tile side per stage (in pixels of the stage's input), each stage's activation
-    cost per pixel of its input, and the budget they were sized for."""
+    cost per pixel of its input, and the budget they were sized for.
+
+    Sized for an image shape (``image_shape``), it also says what a training
+    step of that image keeps whole beside the tiles (``kept_map_bytes``, see
+    :func:`kept_map_bytes`); the tile budget is then what is left of the
+    memory after those maps, times the tile share."""
 
     split: tuple[int, ...]
     tile_sizes: tuple[int, ...]
     bytes_per_pixel: tuple[float, ...]
     budget_bytes: float
+    out_channels: tuple[int, ...] = ()
+    image_shape: tuple[int, int] | None = None
+    kept_map_bytes: int = 0
 
 
-def auto_stages(trunk: nn.Module, budget_bytes: float, max_stages: int = 2) -> StagePlan:
+def kept_map_bytes(maps: Sequence[tuple[int, int, int]], element_size: int,
+                   head_bytes_per_position: float = 0.0) -> int:
+    """Bytes a streamed training step holds whole, whatever the tile size: the
+    maps between stages and the trunk's output (``maps``: (channels, rows,
+    cols) of each stage's output, last = the trunk's), each with its gradient
+    (the backward of a stage builds dL/d its input map whole; dL/dF is whole),
+    plus ``head_bytes_per_position`` times the output positions (what the head
+    after the trunk keeps for its backward). All of them grow with the image's
+    area, which is why :func:`auto_stages` subtracts them from the budget
+    before it sizes tiles."""
+    total = sum(2 * c * h * w * element_size for c, h, w in maps)
+    _, ho, wo = maps[-1]
+    return int(total + head_bytes_per_position * ho * wo)
+
+
+def stage_maps(trunk: nn.Module, split: Sequence[int], out_channels: Sequence[int],
+               h: int, w: int) -> list[tuple[int, int, int]]:
+    """(channels, rows, cols) of each stage's output for an (h, w) image: the
+    maps :func:`kept_map_bytes` counts (``out_channels``: one per stage)."""
+    bounds = [*split, len(trunk) if split else None]  # type: ignore[arg-type]
+    maps = []
+    for k, c in zip(bounds, out_channels):
+        g = geometry(trunk if k is None else trunk[:k])  # type: ignore[index]
+        maps.append((int(c), *g.output_size(h, w)))
+    return maps
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def kept_maps_error(h: int, w: int, kept: float, budget_note: str) -> ConfigError:
+    """The one-line refusal of an image whose kept maps (:func:`kept_map_bytes`) exceed the memory."""
+    return ConfigError(
+        f"a {h}x{w} image needs {_mib(kept)} for the feature maps a streamed step keeps whole (maps between "
+        f"stages, the trunk's output, their gradients and the head's activations), more than {budget_note}; "
+        f"raise --max-memory, or make the image smaller (a coarser level/mpp, a smaller instance_size) or the "
+        f"trunk's output coarser (head_pool, trunk_depth)")
+
+
+def auto_stages(trunk: nn.Module, budget_bytes: float, max_stages: int = 2,
+                image_shape: tuple[int, int] | None = None, head_bytes_per_position: float = 0.0,
+                tile_share: float = 1.0, budget_note: str = "") -> StagePlan:
     """Cut a Sequential trunk into at most ``max_stages`` stages and size each
-    stage's tile to ``budget_bytes`` (see :class:`StreamingTrunk` for why).
+    stage's tile to the budget (see :class:`StreamingTrunk` for why).
 
     The trunk runs once at two small sizes with each child's saved activations
     counted (as :func:`activation_bytes_per_pixel`, per child); a stage's cost
@@ -823,43 +878,89 @@ def auto_stages(trunk: nn.Module, budget_bytes: float, max_stages: int = 2) -> S
     the budget, the one whose narrowest stage is the most receptive fields
     wide wins (recomputation falls with that ratio); ties go to fewer stages.
     A trunk that is not an ``nn.Sequential`` streams as one stage.
+
+    The tile budget of a cut is ``tile_share * budget_bytes - kept``, where
+    ``kept`` is what a training step of an ``image_shape`` image holds whole
+    with that cut (:func:`kept_map_bytes`: the maps between stages, the
+    trunk's output, their gradients, and ``head_bytes_per_position`` per output
+    position); without ``image_shape``, nothing. The kept maps and the tiles
+    share the ``tile_share`` of the budget, and the rest stays headroom for
+    what is not modelled (prediction maps, allocator slack): measured on a
+    6496² slide at --max-memory 2 GiB with ``head_pool=4``, kept maps that
+    fitted the whole free memory but left 70 MB for tiles ran out of memory.
+    When the kept maps alone exceed ``tile_share * budget_bytes`` for every
+    cut, a one-line ConfigError says so (``budget_note`` names that budget).
     """
     geo = geometry(trunk)
-    if not isinstance(trunk, nn.Sequential) or len(trunk) < 2 or max_stages < 2:
-        bpp = activation_bytes_per_pixel(trunk, geo)
-        return StagePlan((), (auto_tile_size(geo, bpp, budget_bytes),), (bpp,), budget_bytes)
+    sequential = isinstance(trunk, nn.Sequential) and len(trunk) >= 2 and max_stages >= 2
     device, dtype, a, b, channels = _probe_setup(trunk, geo)
-    lo_, hi_ = (_child_saved_bytes(trunk, n, channels, device, dtype) for n in (a, b))
-    child = [max(h - l, 0) / float(b * b - a * a) for l, h in zip(lo_, hi_)]  # bytes per image pixel
     elem = torch.tensor([], dtype=dtype).element_size()
+    out_ch: list[int] = []
+    if sequential:
+        lo_, hi_ = (_child_saved_bytes(trunk, n, channels, device, dtype, out_ch if n == b else None)  # type: ignore[arg-type]
+                    for n in (a, b))
+        child = [max(h - l, 0) / float(b * b - a * a) for l, h in zip(lo_, hi_)]  # bytes per image pixel
+    else:
+        with torch.no_grad():
+            out_ch = [int(trunk(torch.zeros(1, channels, a, a, device=device, dtype=dtype)).shape[1])]
+        child = []
+    n = len(trunk) if sequential else 1
+
+    def kept_for(cuts: tuple[int, ...]) -> int:
+        if image_shape is None:
+            return 0
+        chans = [out_ch[k - 1] for k in cuts] + [out_ch[-1]]
+        return kept_map_bytes(stage_maps(trunk, cuts, chans, *image_shape), elem, head_bytes_per_position)
+
+    def plan_of(cuts: tuple[int, ...], tiles: list[int], costs: list[float], kept: int) -> StagePlan:
+        chans = tuple([out_ch[k - 1] for k in cuts] + [out_ch[-1]])
+        return StagePlan(cuts, tuple(tiles), tuple(costs), tile_share * budget_bytes - kept, chans,
+                         tuple(image_shape) if image_shape is not None else None, kept)  # type: ignore[arg-type]
+
+    def too_big(kept: int) -> ConfigError:
+        return kept_maps_error(*image_shape, kept, budget_note or "the budget of " + _mib(budget_bytes))  # type: ignore[misc]
+
     best: tuple[tuple[float, int], StagePlan] | None = None
-    n = len(trunk)
-    for k in [None, *range(1, n)]:
+    least_kept = math.inf
+    for k in ([None, *range(1, n)] if sequential else [None]):
         cuts = () if k is None else (k,)
+        kept = kept_for(cuts)
+        least_kept = min(least_kept, kept)
+        budget = tile_share * budget_bytes - kept
+        if budget <= 0:
+            continue
         bounds = [0, *cuts, n]
         try:
             tiles, costs, score = [], [], math.inf
             for i in range(len(bounds) - 1):
-                mod = trunk[bounds[i]:bounds[i + 1]]
-                g = geometry(mod)
-                if not any(isinstance(m, nn.Conv2d) for m in mod.modules()):
-                    raise ConfigError("a stage without a convolution")
-                front = geometry(trunk[:bounds[i]]).stride if bounds[i] else (1, 1)
-                c_in = _in_channels(mod)
-                cost = sum(child[bounds[i]:bounds[i + 1]]) * front[0] * front[1] + (c_in * elem if bounds[i] else 0)
-                cost = max(cost, 1.0) * ACTIVATION_HEADROOM
-                t = auto_tile_size(g, cost, budget_bytes)
+                if not sequential:
+                    mod, g = trunk, geo
+                    cost = activation_bytes_per_pixel(trunk, geo)
+                else:
+                    mod = trunk[bounds[i]:bounds[i + 1]]  # type: ignore[index]
+                    g = geometry(mod)
+                    if not any(isinstance(m, nn.Conv2d) for m in mod.modules()):
+                        raise ConfigError("a stage without a convolution")
+                    front = geometry(trunk[:bounds[i]]).stride if bounds[i] else (1, 1)  # type: ignore[index]
+                    c_in = _in_channels(mod)
+                    cost = sum(child[bounds[i]:bounds[i + 1]]) * front[0] * front[1] + (c_in * elem if bounds[i] else 0)
+                    cost = max(cost, 1.0) * ACTIVATION_HEADROOM
+                t = auto_tile_size(g, cost, budget)
                 tiles.append(t)
-                costs.append(round(cost, 1))
+                costs.append(round(cost, 1) if sequential else cost)
                 score = min(score, t / max(g.receptive_field))
         except ConfigError:
             continue
         key = (score, -len(cuts))
         if best is None or key > best[0]:
-            best = (key, StagePlan(cuts, tuple(tiles), tuple(costs), budget_bytes))
-    if best is None:  # no cut fits: the single-stage sizing raises the clear error
+            best = (key, plan_of(cuts, tiles, costs, kept))
+    if best is None:
+        if image_shape is not None and least_kept >= tile_share * budget_bytes:
+            raise too_big(int(least_kept))
+        # no cut fits: the single-stage sizing raises the clear error
+        kept = kept_for(())
         bpp = activation_bytes_per_pixel(trunk, geo)
-        return StagePlan((), (auto_tile_size(geo, bpp, budget_bytes),), (bpp,), budget_bytes)
+        return plan_of((), [auto_tile_size(geo, bpp, tile_share * budget_bytes - kept)], [bpp], kept)
     return best[1]
 
 
@@ -960,6 +1061,15 @@ class StreamingTrunk(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain, non-streamed pass (autograd as usual)."""
         return self.trunk(x)
+
+    def replan(self, tile_size: int | Sequence[int], split: Sequence[int] = (),
+               bytes_per_pixel: Sequence[float] | None = None, budget_bytes: float | None = None) -> None:
+        """Stream with other stages and tiles from now on (e.g. a :class:`StagePlan`
+        sized for the image at hand); the trunk and its parameters are unchanged."""
+        other = StreamingTrunk(self.trunk, tile_size, self.tile_shape, split, bytes_per_pixel, budget_bytes)
+        self.tile_sizes, self.tile_size, self.split = other.tile_sizes, other.tile_size, other.split
+        self._stages, self.bytes_per_pixel, self.budget_bytes = other._stages, other.bytes_per_pixel, other.budget_bytes
+        self._saved = None
 
     @property
     def stages(self) -> list[_Stage]:

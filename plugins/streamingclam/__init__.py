@@ -159,12 +159,16 @@ class StreamingCLAM(Method):
         head = CLAMHead(trunk.out_channels, config["hidden_dim"], config["attn_dim"], 2,
                         config["dropout"], config["inst_loss"], config["inst_k"], config["head_pool"])
         trunk = trunk.to(ctx.device)
-        plan, sizing = resolve_tiles(trunk, config["tile_size"], ctx)
+        head = head.to(ctx.device)
+        plan, sizing, free = resolve_tiles(trunk, config["tile_size"], ctx, with_free=True)
         model = StreamingCLAMModel(trunk, head, list(plan.tile_sizes), config["tile_shape"], plan.split,
                                    plan.bytes_per_pixel if config["tile_size"] == "auto" else None,
                                    plan.budget_bytes if config["tile_size"] == "auto" else None)
         model.trunk_frozen = config["freeze_trunk_epochs"] > 0
         model.tile_sizing = sizing
+        model.memory_free = free  # what --max-memory leaves free after setup (None without it)
+        model.max_memory = getattr(ctx, "max_memory_bytes", None)
+        model.image_plans = {}
         return model.to(ctx.device)
 
     def artifacts(self, model: StreamingCLAMModel, splits: Splits, config: Mapping[str, Any],
@@ -185,6 +189,7 @@ class StreamingCLAM(Method):
         def head_loss(features: torch.Tensor) -> torch.Tensor:
             return clam_loss(model.head(features, bag.label), bag.label, config["inst_weight"])
 
+        fit_image(model, bag.lazy_image.shape, config)
         loss = streamed_forward_backward(model.stream, bag.lazy_image, head_loss, train_trunk=not model.trunk_frozen)
         return float(loss)
 
@@ -193,6 +198,7 @@ class StreamingCLAM(Method):
 
         from .clam import clam_loss
 
+        fit_image(model, bag.lazy_image.shape, config)
         out = model.head(model.stream.forward_streamed(bag.lazy_image))
         probs = torch.softmax(out.logits.double(), dim=0)
         bag_prob = float(probs[1])
@@ -206,7 +212,104 @@ class StreamingCLAM(Method):
         )
 
 
-def resolve_tiles(trunk: nn.Module, tile_size: int | str, ctx: RunContext) -> tuple[StagePlan, dict[str, float]]:
+def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any]) -> None:
+    """Make the streamed step of an image of this shape fit the memory, before any of it runs.
+
+    Why here: the feature maps a streamed step holds whole (the maps between
+    stages, the trunk's output, their gradients and the head's activations)
+    grow with the image's area, and the image's shape is first known when the
+    method sees a bag (slides differ). With ``--max-memory`` they are
+    subtracted from what it left free after setup: ``tile_size=auto`` re-cuts
+    the trunk and re-sizes the tiles for this shape (cached per shape, the
+    largest image's choice goes into the record), and when the kept maps
+    alone do not fit -- auto or not -- the run stops with a one-line
+    ConfigError instead of being killed for memory halfway through.
+    """
+    from milbench.api import auto_stages
+
+    from .clam import head_bytes_per_position
+
+    h, w = int(shape[-2]), int(shape[-1])
+    plans = getattr(model, "image_plans", None)
+    if plans is None:  # a model built by hand: nothing to fit against
+        return
+    if (h, w) in plans:
+        plan = plans[(h, w)]
+    else:
+        stream = model.stream
+        if getattr(model, "head_bpp", None) is None:
+            model.head_bpp = head_bytes_per_position(model.head, model.head.fc[0].in_features,
+                                                     config.get("inst_weight", 0.3))
+        free, limit = getattr(model, "memory_free", None), getattr(model, "max_memory", None)
+        auto = config.get("tile_size") == "auto"
+        note = (f"the {TILE_BUDGET_SHARE * free / 2**20:.0f} MiB it may use ({TILE_BUDGET_SHARE:g} of the "
+                f"{free / 2**20:.0f} MiB that --max-memory {limit / 2**20:.0f} MiB leaves free after setup; the rest "
+                "is headroom)" if free is not None and limit else "")
+        if auto and free is not None:
+            plan = auto_stages(stream.trunk, free, image_shape=(h, w), head_bytes_per_position=model.head_bpp,
+                               tile_share=TILE_BUDGET_SHARE, budget_note=note)
+        else:  # fixed tiles (or no limit): the given tiles, only checked against the limit
+            plan = None
+            if free is not None:
+                from milbench.api import kept_map_bytes, kept_maps_error, stage_maps
+
+                trunk = stream.trunk
+                elem = next(trunk.parameters()).element_size()
+                maps = stage_maps(trunk, stream.split, _stage_channels(stream), h, w)
+                kept = kept_map_bytes(maps, elem, model.head_bpp)
+                model.tile_sizing["stream_kept_map_bytes"] = max(kept, model.tile_sizing.get("stream_kept_map_bytes", 0))
+                if kept >= TILE_BUDGET_SHARE * free:
+                    raise kept_maps_error(h, w, kept, note)
+        plans[(h, w)] = plan
+        if plan is not None:
+            sizing = model.tile_sizing
+            if plan.kept_map_bytes >= sizing.get("stream_kept_map_bytes", -1):
+                sizing.update(_plan_record(plan, sizing.get("stream_tile_budget_from_max_memory", 0)))
+                sizing["stream_image_pixels"] = h * w
+    if plan is not None and (tuple(plan.split) != tuple(model.stream.split)
+                             or tuple(plan.tile_sizes) != tuple(model.stream.tile_sizes)):
+        model.stream.replan(list(plan.tile_sizes), plan.split, plan.bytes_per_pixel, plan.budget_bytes)
+
+
+def _stage_channels(stream: Any) -> list[int]:
+    """Channels of each stage's output map (one small no-grad pass, cached on the stream)."""
+    import torch
+
+    if getattr(stream, "_out_channels", None) is None:
+        p = next(stream.trunk.parameters())
+        side = 8 * max(stream.geometry.stride)
+        while True:
+            try:
+                stream.geometry.output_size(side, side)
+                break
+            except ConfigError:
+                side *= 2
+        x = torch.zeros(1, stream.trunk[0].in_channels if isinstance(stream.trunk[0], torch.nn.Conv2d) else 3,
+                        side, side, dtype=p.dtype, device=p.device)
+        chans = []
+        with torch.no_grad():
+            for st in stream.stages:
+                x = st.module(x)
+                chans.append(int(x.shape[1]))
+        stream._out_channels = chans
+    return stream._out_channels
+
+
+def _plan_record(plan: StagePlan, from_limit: int) -> dict[str, float]:
+    record: dict[str, float] = {"stream_tile_size": plan.tile_sizes[0], "stream_stages": len(plan.tile_sizes),
+                                "stream_tile_budget_bytes": int(plan.budget_bytes),
+                                "stream_tile_budget_from_max_memory": from_limit,
+                                "stream_tile_bytes_per_pixel": plan.bytes_per_pixel[0]}
+    for i, (t, c) in enumerate(zip(plan.tile_sizes[1:], plan.bytes_per_pixel[1:]), start=2):
+        record.update({f"stream_stage{i}_cut": plan.split[i - 2], f"stream_stage{i}_tile_size": t,
+                       f"stream_stage{i}_bytes_per_pixel": c})
+    if plan.image_shape is not None:
+        record["stream_kept_map_bytes"] = int(plan.kept_map_bytes)
+    return record
+
+
+def resolve_tiles(trunk: nn.Module, tile_size: int | str, ctx: RunContext,
+                  with_free: bool = False) -> Any:
     """The :class:`~milbench.api.StagePlan` to stream with, and what the
     record says about it.
 
@@ -221,9 +324,13 @@ def resolve_tiles(trunk: nn.Module, tile_size: int | str, ctx: RunContext) -> tu
     """
     from milbench.api import DEFAULT_TILE_BUDGET_BYTES, StagePlan, auto_stages
 
-    if tile_size != "auto":
-        return StagePlan((), (int(tile_size),), (), 0.0), {"stream_tile_size": int(tile_size), "stream_stages": 1}
     limit = getattr(ctx, "max_memory_bytes", None)
+    free = None
+    if tile_size != "auto":
+        if limit:
+            free = _free_after_setup(trunk, ctx, limit)
+        out = StagePlan((), (int(tile_size),), (), 0.0), {"stream_tile_size": int(tile_size), "stream_stages": 1}
+        return (*out, free) if with_free else out
     if limit:
         import torch
 
@@ -239,17 +346,28 @@ def resolve_tiles(trunk: nn.Module, tile_size: int | str, ctx: RunContext) -> tu
         if budget <= 0:
             raise ConfigError(f"tile_size=auto: --max-memory {limit / 2**20:.0f} MiB leaves no room for tiles "
                               f"({in_use / 2**20:.0f} MiB in use after setup); raise it or give tile_size in pixels")
+        free = budget / TILE_BUDGET_SHARE
     else:
         budget = float(DEFAULT_TILE_BUDGET_BYTES)
     plan = auto_stages(trunk, budget)
-    record: dict[str, float] = {"stream_tile_size": plan.tile_sizes[0], "stream_stages": len(plan.tile_sizes),
-                                "stream_tile_budget_bytes": int(budget),
-                                "stream_tile_budget_from_max_memory": int(bool(limit)),
-                                "stream_tile_bytes_per_pixel": plan.bytes_per_pixel[0]}
-    for i, (t, c) in enumerate(zip(plan.tile_sizes[1:], plan.bytes_per_pixel[1:]), start=2):
-        record.update({f"stream_stage{i}_cut": plan.split[i - 2], f"stream_stage{i}_tile_size": t,
-                       f"stream_stage{i}_bytes_per_pixel": c})
-    return plan, record
+    record = _plan_record(plan, int(bool(limit)))
+    return (plan, record, free) if with_free else (plan, record)
+
+
+def _free_after_setup(trunk: nn.Module, ctx: RunContext, limit: int) -> float:
+    """What ``limit`` leaves free now: less the memory in use (resident on a CPU,
+    torch's allocation on a GPU) and the trunk's gradients and optimizer moments."""
+    import torch
+
+    device = torch.device(ctx.device)
+    if device.type == "cuda":
+        in_use = torch.cuda.memory_allocated(device)
+    else:
+        import psutil
+
+        in_use = psutil.Process().memory_info().rss
+    state = sum(p.numel() * p.element_size() for p in trunk.parameters()) * 3  # grads + two moments
+    return float(limit - in_use - state)
 
 
 def attention_pixels(model: StreamingCLAMModel, attention_map: torch.Tensor, bag: Bag) -> torch.Tensor:

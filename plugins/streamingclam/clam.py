@@ -196,3 +196,39 @@ def _interp_matrix(n_pixels: int, n_positions: int, stride: float, centre0: floa
     out.scatter_add_(1, i0[:, None], (1 - w)[:, None])
     out.scatter_add_(1, i1[:, None], w[:, None])
     return out
+
+
+def head_bytes_per_position(head: CLAMHead, channels: int, inst_weight: float = 0.3) -> float:
+    """Activation bytes the head and its loss keep for the backward per position of
+    the trunk's output map, measured like the engine measures a trunk (distinct
+    tensors autograd saves, at two map sizes; the slope), times the engine's
+    headroom for the gradients the backward builds beside them.
+
+    The feature map itself is not counted (the engine counts it and dL/dF):
+    only what the head builds from it -- the fc output, the attention branches,
+    the softmax -- all of which grow with the map, i.e. with the image's area.
+    """
+    from milbench.api import ACTIVATION_HEADROOM
+
+    p = next(head.parameters())
+    params = {t.untyped_storage().data_ptr() for t in [*head.parameters(), *head.buffers()]}
+
+    def saved(side: int) -> int:
+        feats = torch.zeros(1, channels, side, side, device=p.device, dtype=p.dtype, requires_grad=True)
+        skip = params | {feats.untyped_storage().data_ptr()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st.data_ptr() not in skip:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = clam_loss(head(feats, 1), 1, inst_weight)
+        del loss
+        return sum(seen.values())
+
+    a, b = 16, 32
+    slope = (saved(b) - saved(a)) / float(b * b - a * a)
+    return max(slope, 0.0) * ACTIVATION_HEADROOM
