@@ -22,26 +22,27 @@ from typing import TYPE_CHECKING, Any
 
 from milbench.bag import Bag, ImageSource, InstanceSource, LazyBag, LazyImage, LazyInstances  # the data model
 from milbench.config import Param, resolve  # declaring and resolving config keys
+from milbench.contract import (  # what a plugin subclasses, returns and receives
+    Dataset, DataSpec, DataStatus, Method, Metric, Prediction, RunContext, Splits, hookimpl)
 from milbench.data.augment import color_jitter, random_flips, random_shift  # augmentation building blocks
 from milbench.data.keys import bag_params  # the keys every bag dataset declares, in one call
 from milbench.data.roots import ENV_DATA_ROOT, cache_dir, candidate_roots, find_in_roots  # where data lives
-from milbench.contract import (  # what a plugin subclasses, returns and receives
-    Dataset, DataSpec, DataStatus, Method, Metric, Prediction, RunContext, Splits, hookimpl)
 from milbench.errors import (  # one-line errors
     ConfigError, DataError, MilbenchError, PluginError, did_you_mean, first_line)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from milbench.data.bags import BagPlan, LazyBags, PooledBags, grid_shape, ids_hash, plan_bags, row_major_grid, split_pool
+    from milbench.data.bags import (
+        BagPlan, LazyBags, PooledBags, bag_sizes, grid_shape, ids_hash, plan_bags, row_major_grid, split_pool)
     from milbench.data.download import fetch
-    from milbench.models.attention import AttentionMIL, bag_loss, attention_scores
+    from milbench.models.attention import AttentionMIL, attention_scores, bag_loss
     from milbench.models.attention_mil import (
         ATTENTION_MIL_PARAMS, PAPER_MODEL, build_attention_mil, check_geometry, encoder_name)
     from milbench.models.chunked import chunk_slices, chunked_backward, encode_chunks, random_layers
     from milbench.models.encoders import create_encoder, min_instance_size, norm2d
     from milbench.models.norms import FrozenBatchNorm2d, freeze_batch_norms, require_batch_independent
     from milbench.models.streaming import (
-        ACTIVATION_HEADROOM, DEFAULT_TILE_BUDGET_BYTES, StagePlan, kept_map_bytes, kept_maps_error, stage_maps, StreamingTrunk, auto_stages, describe, geometry,
-        streamed_forward_backward)
+        ACTIVATION_HEADROOM, DEFAULT_TILE_BUDGET_BYTES, StagePlan, StreamingTrunk, auto_stages, describe, geometry,
+        kept_map_bytes, kept_maps_error, saved_tensor_bytes, stage_maps, streamed_forward_backward)
     from milbench.protocol import PROTOCOL_PARAMS
     from milbench.segmentation_metrics import dense_class_metrics, metric_key
 
@@ -67,7 +68,7 @@ _LAZY: dict[str, str] = {
     # the streaming engine: exact gradients of a CNN on an image larger than memory, tile by tile
     **dict.fromkeys(("StreamingTrunk", "streamed_forward_backward", "geometry", "auto_stages", "StagePlan",
                      "describe", "DEFAULT_TILE_BUDGET_BYTES", "ACTIVATION_HEADROOM", "kept_map_bytes", "kept_maps_error",
-                     "stage_maps"), "milbench.models.streaming"),
+                     "stage_maps", "saved_tensor_bytes"), "milbench.models.streaming"),
     # dense (pixel) class metrics for methods that predict class maps
     **dict.fromkeys(("dense_class_metrics", "metric_key"), "milbench.segmentation_metrics"),
     # the training protocol's keys (a dataset may set their defaults, a method may not)

@@ -700,24 +700,31 @@ def _in_channels(trunk: nn.Module) -> int:
     return int(conv.in_channels)
 
 
-def _saved_bytes(trunk: nn.Module, side: int, channels: int, device: torch.device, dtype: torch.dtype) -> int:
-    """Bytes of distinct tensors autograd saves for the backward of one (side x side)
-    input: the activation memory a tile of that size holds (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in trunk.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in trunk.buffers()}
+def saved_tensor_bytes(run: Callable[[], torch.Tensor], module: nn.Module,
+                       exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of ``run()``,
+    leaving out ``module``'s parameters and buffers and the ``exclude`` tensors (e.g. an
+    input counted elsewhere): what a forward of that size holds until its backward."""
+    skip = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers(), *exclude]}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
-        if st.data_ptr() not in params:
+        if st.data_ptr() not in skip:
             seen[st.data_ptr()] = st.nbytes()
         return t
 
-    x = torch.zeros(1, channels, side, side, device=device, dtype=dtype, requires_grad=True)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = trunk(x)
+        out = run()
     del out
     return sum(seen.values())
+
+
+def _saved_bytes(trunk: nn.Module, side: int, channels: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Bytes of distinct tensors autograd saves for the backward of one (side x side)
+    input: the activation memory a tile of that size holds (parameters excluded)."""
+    x = torch.zeros(1, channels, side, side, device=device, dtype=dtype, requires_grad=True)
+    return saved_tensor_bytes(lambda: trunk(x), trunk)
 
 
 def activation_bytes_per_pixel(trunk: nn.Module, geo: Geometry | None = None) -> float:

@@ -332,21 +332,12 @@ def resolve_tiles(trunk: nn.Module, tile_size: int | str, ctx: RunContext,
         out = StagePlan((), (int(tile_size),), (), 0.0), {"stream_tile_size": int(tile_size), "stream_stages": 1}
         return (*out, free) if with_free else out
     if limit:
-        import torch
-
-        device = torch.device(ctx.device)
-        if device.type == "cuda":
-            in_use = torch.cuda.memory_allocated(device)
-        else:
-            import psutil
-
-            in_use = psutil.Process().memory_info().rss
-        state = sum(p.numel() * p.element_size() for p in trunk.parameters()) * 3  # grads + two moments
-        budget = TILE_BUDGET_SHARE * (limit - in_use - state)
+        free = _free_after_setup(trunk, ctx, limit)
+        budget = TILE_BUDGET_SHARE * free
         if budget <= 0:
             raise ConfigError(f"tile_size=auto: --max-memory {limit / 2**20:.0f} MiB leaves no room for tiles "
-                              f"({in_use / 2**20:.0f} MiB in use after setup); raise it or give tile_size in pixels")
-        free = budget / TILE_BUDGET_SHARE
+                              f"({(limit - free) / 2**20:.0f} MiB in use after setup, with the trunk's gradients "
+                              "and optimizer state); raise it or give tile_size in pixels")
     else:
         budget = float(DEFAULT_TILE_BUDGET_BYTES)
     plan = auto_stages(trunk, budget)

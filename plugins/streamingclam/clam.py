@@ -208,26 +208,13 @@ def head_bytes_per_position(head: CLAMHead, channels: int, inst_weight: float = 
     only what the head builds from it -- the fc output, the attention branches,
     the softmax -- all of which grow with the map, i.e. with the image's area.
     """
-    from milbench.api import ACTIVATION_HEADROOM
+    from milbench.api import ACTIVATION_HEADROOM, saved_tensor_bytes
 
     p = next(head.parameters())
-    params = {t.untyped_storage().data_ptr() for t in [*head.parameters(), *head.buffers()]}
 
     def saved(side: int) -> int:
         feats = torch.zeros(1, channels, side, side, device=p.device, dtype=p.dtype, requires_grad=True)
-        skip = params | {feats.untyped_storage().data_ptr()}
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            st = t.untyped_storage()
-            if st.data_ptr() not in skip:
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = clam_loss(head(feats, 1), 1, inst_weight)
-        del loss
-        return sum(seen.values())
+        return saved_tensor_bytes(lambda: clam_loss(head(feats, 1), 1, inst_weight), head, exclude=[feats])
 
     a, b = 16, 32
     slope = (saved(b) - saved(a)) / float(b * b - a * a)
