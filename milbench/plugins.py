@@ -99,9 +99,10 @@ class Registry:
         key = (kind, name)
         try:
             check_registered(kind, obj)
-        except PluginError as exc:
-            self.invalid[key] = str(exc)
-            plugin.status, plugin.error = "broken", str(exc)
+        except Exception as exc:  # a malformed plugin object must not take the CLI down either
+            why = str(exc) if isinstance(exc, PluginError) else f"{kind} '{name}' is malformed: {first_line(exc)}"
+            self.invalid[key] = why
+            plugin.status, plugin.error = "broken", why
             return
         if key in self.conflicts:
             self.conflicts[key].append(plugin.name)

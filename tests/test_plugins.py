@@ -163,3 +163,51 @@ def test_readme_plugin_examples_are_the_tested_ones(example, module):
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name in (module, "pyproject.toml"):
         assert (EXAMPLES / example / name).read_text().strip() in readme, f"README lacks plugins/examples/{example}/{name}"
+
+
+def test_malformed_plugin_objects_are_refused_at_registration_not_at_run_time(monkeypatch):
+    """A dataset that sets keys it does not declare, a method that sets a protocol key, a
+    method whose params are not a mapping: each is broken with its reason, the plugin's
+    other objects and the other plugins keep working, and running it is one line."""
+    from milbench.api import Dataset, Method, hookimpl
+    from milbench.errors import PluginError
+    from milbench.plugins import load_registry
+
+    class Toy(Dataset):
+        name = "toy-bags"
+        defaults = {"bag_size": 4}
+
+    class Greedy(Method):
+        name = "greedy"
+        defaults = {"epochs": 40}
+
+    class Odd(Method):
+        name = "odd"
+        params = ["hidden"]  # not a mapping
+
+    class Fine(Method):
+        name = "fine"
+
+    class Plugin:
+        @hookimpl
+        def milbench_register_methods(register):
+            register(Greedy())
+            register(Odd())
+            register(Fine())
+
+        @hookimpl
+        def milbench_register_datasets(register):
+            register(Toy())
+            register(object())
+
+    monkeypatch.setenv("MILBENCH_PLUGINS", "qmnist,toy")
+    reg = load_registry([("toy", Plugin)])
+    assert "fine" in reg.methods and "qmnist" in reg.datasets
+    (toy,) = [p for p in reg.plugins if p.name == "toy"]
+    assert toy.status == "broken"
+    with pytest.raises(PluginError, match=r"dataset 'toy-bags' is unusable: .*sets key 'bag_size'.*bag_params"):
+        reg.dataset("toy-bags")
+    with pytest.raises(PluginError, match=r"method 'greedy' is unusable: .*protocol key\(s\) epochs"):
+        reg.method("greedy")
+    with pytest.raises(PluginError, match=r"method 'odd' is unusable: method 'odd' is malformed: AttributeError"):
+        reg.method("odd")
