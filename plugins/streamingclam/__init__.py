@@ -237,10 +237,10 @@ def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any]) 
         plan = plans[(h, w)]
     else:
         stream = model.stream
-        if getattr(model, "head_bpp", None) is None:
+        free, limit = getattr(model, "memory_free", None), getattr(model, "max_memory", None)
+        if free is not None and getattr(model, "head_bpp", None) is None:  # only a limit needs the estimate
             model.head_bpp = head_bytes_per_position(model.head, model.head.fc[0].in_features,
                                                      config.get("inst_weight", 0.3))
-        free, limit = getattr(model, "memory_free", None), getattr(model, "max_memory", None)
         auto = config.get("tile_size") == "auto"
         note = (f"the {TILE_BUDGET_SHARE * free / 2**20:.0f} MiB it may use ({TILE_BUDGET_SHARE:g} of the "
                 f"{free / 2**20:.0f} MiB that --max-memory {limit / 2**20:.0f} MiB leaves free after setup; the rest "
