@@ -21,12 +21,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from milbench.bag import Bag, ImageSource, InstanceSource, LazyBag, LazyImage, LazyInstances  # the data model
-from milbench.config import Param, resolve  # declaring and resolving config keys
+from milbench.config import AutoParam, Param, resolve  # declaring and resolving config keys
 from milbench.contract import (  # what a plugin subclasses, returns and receives
     Dataset, DataSpec, DataStatus, Method, Metric, Prediction, RunContext, Splits, hookimpl)
 from milbench.data.augment import color_jitter, random_flips, random_shift  # augmentation building blocks
 from milbench.data.keys import bag_params  # the keys every bag dataset declares, in one call
-from milbench.data.roots import ENV_DATA_ROOT, cache_dir, candidate_roots, find_in_roots  # where data lives
+from milbench.data.roots import (  # where data lives, where derived files go
+    ENV_DATA_ROOT, cache_dir, candidate_roots, derived_cache_dir, find_in_roots)
 from milbench.errors import (  # one-line errors
     ConfigError, DataError, MilbenchError, PluginError, did_you_mean, first_line)
 
@@ -89,10 +90,10 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "hookimpl", "Param", "Bag", "Prediction", "DataSpec", "Splits", "Method", "Dataset",
+    "hookimpl", "Param", "AutoParam", "Bag", "Prediction", "DataSpec", "Splits", "Method", "Dataset",
     "DataStatus", "Metric", "RunContext", "random_flips", "color_jitter", "random_shift",
     "InstanceSource", "LazyInstances", "ImageSource", "LazyImage", "LazyBag",
-    "resolve", "bag_params", "ENV_DATA_ROOT", "cache_dir", "candidate_roots", "find_in_roots",
+    "resolve", "bag_params", "ENV_DATA_ROOT", "cache_dir", "derived_cache_dir", "candidate_roots", "find_in_roots",
     "MilbenchError", "ConfigError", "DataError", "PluginError", "did_you_mean", "first_line",
     *_LAZY,
 ]

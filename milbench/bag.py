@@ -5,6 +5,10 @@ MIL methods and :meth:`Bag.image`, one ``(C, rows*p, cols*p)`` picture for
 image-based methods (streaming CNNs) -- so every method runs on every dataset.
 A :class:`LazyBag` reads its instances (and image) from a source on demand, so
 a whole-slide bag is never held in memory unless a method asks for all of it.
+:meth:`LazyBag.augmented` augments such a bag without reading it: each instance
+is transformed when it is read, with its own seeded generator, so every read of
+one visit (chunks, re-reads for recomputation, the streamed image) sees the
+same augmented pixels.
 
 Plugins import these from :mod:`milbench.api`; harness modules import them here,
 below the API, so the API stays a face and nothing circles back through it.
@@ -14,12 +18,16 @@ Torch is imported lazily: building a bag type must not import it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["Bag", "InstanceSource", "LazyInstances", "ImageSource", "LazyImage", "LazyBag"]
+__all__ = ["Bag", "InstanceSource", "LazyInstances", "ImageSource", "LazyImage", "LazyBag",
+           "AugmentedInstances", "AugmentedImage"]
+
+#: An augmentation: (n, C, p, p) instances and a generator -> augmented instances (a dataset's ``augment``).
+Augment = Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"]
 
 
 @dataclass
@@ -290,6 +298,81 @@ class LazyImage:
         return f"LazyImage(shape={tuple(self.shape)}, source={type(self.source).__name__})"
 
 
+def instance_seed(visit_seed: int, index: int) -> int:
+    """The generator seed of instance ``index`` in one augmented visit of a bag."""
+    return (visit_seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+
+
+class AugmentedInstances(InstanceSource):
+    """``source``'s instances, each passed through ``augment`` when read.
+
+    Instance ``i`` gets a generator seeded by ``(visit_seed, i)``, so its pixels do not
+    depend on which chunk it was read in or how often: a chunked method's gradient on
+    an augmented bag equals the whole-bag method's, as it does without augmentation.
+    """
+
+    def __init__(self, source: InstanceSource, augment: Augment, visit_seed: int):
+        self.source = source
+        self.augment = augment
+        self.visit_seed = int(visit_seed)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def instance_shape(self) -> tuple[int, int, int]:
+        return self.source.instance_shape
+
+    def read(self, index: Any) -> "torch.Tensor":
+        import torch
+
+        x = self.source.read(index)
+        out = torch.empty_like(x)
+        for j, i in enumerate(index):
+            gen = torch.Generator().manual_seed(instance_seed(self.visit_seed, int(i)))
+            out[j:j + 1] = self.augment(x[j:j + 1], gen)
+        return out
+
+
+class AugmentedImage(ImageSource):
+    """A bag image whose instance cells show the augmented instances.
+
+    The crop is read from ``base`` (background between tiles as it is) and every grid
+    cell it touches is overwritten with that instance from ``instances`` -- the image a
+    streaming method sees is the one a set-based method's instances would tile into.
+    Cells are read ``chunk`` at a time, so a crop never holds more than its own pixels
+    plus one chunk of tiles.
+    """
+
+    def __init__(self, base: ImageSource, instances: AugmentedInstances, grid: "torch.Tensor",
+                 patch: int, chunk: int = 256):
+        import numpy as np
+
+        c, h, w = base.shape
+        g = np.asarray(grid.detach().cpu() if hasattr(grid, "detach") else grid, dtype=np.int64).reshape(-1, 2)
+        if len(g) and ((g[:, 0].max() + 1) * patch > h or (g[:, 1].max() + 1) * patch > w):
+            raise ValueError(f"AugmentedImage: grid cells of {patch} px fall outside the {h}x{w} image")
+        self.base, self.instances, self.grid, self.patch, self.chunk = base, instances, g, int(patch), int(chunk)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.base.shape
+
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> "torch.Tensor":
+        import numpy as np
+
+        crop = self.base.read(r0, r1, c0, c1).clone()
+        p, rows, cols = self.patch, self.grid[:, 0], self.grid[:, 1]
+        hit = np.flatnonzero((rows * p < r1) & ((rows + 1) * p > r0) & (cols * p < c1) & ((cols + 1) * p > c0))
+        for a in range(0, len(hit), self.chunk):
+            part = hit[a:a + self.chunk]
+            for tile, i in zip(self.instances.read(part), part):
+                y0, x0 = int(rows[i]) * p, int(cols[i]) * p
+                ys, ye, xs, xe = max(y0, r0), min(y0 + p, r1), max(x0, c0), min(x0 + p, c1)
+                crop[:, ys - r0:ye - r0, xs - c0:xe - c0] = tile[:, ys - y0:ye - y0, xs - x0:xe - x0]
+        return crop
+
+
 class LazyBag(Bag):
     """A :class:`Bag` whose instances (and image) are read on demand from a source.
 
@@ -348,6 +431,16 @@ class LazyBag(Bag):
     def to(self, device: Any) -> "LazyBag":
         return LazyBag(self.source, self.label, self.grid, self.grid_shape, self.instance_labels, self.instance_ids,
                        self.mask, self.key_class, self.bag_id, image_source=self.image_source, device=device,
+                       instance_labels_known=self.instance_labels_known, meta=self.meta)
+
+    def augmented(self, augment: Augment, visit_seed: int) -> "LazyBag":
+        """This bag with every instance augmented on read (:class:`AugmentedInstances`) and,
+        when it has an image source, its image too (:class:`AugmentedImage`); nothing is read now."""
+        source = AugmentedInstances(self.source, augment, visit_seed)
+        image = (AugmentedImage(self.image_source, source, self.grid, self.patch_size)
+                 if self.image_source is not None else None)
+        return LazyBag(source, self.label, self.grid, self.grid_shape, self.instance_labels, self.instance_ids,
+                       self.mask, self.key_class, self.bag_id, image_source=image, device=self.device,
                        instance_labels_known=self.instance_labels_known, meta=self.meta)
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from milbench.data.roots import ENV_DERIVED_CACHE
 from milbench.devices import DeviceRequest, parse_device
 from milbench.errors import first_line
 from milbench.handoff import ChildSpec, null_fields
@@ -181,6 +182,8 @@ def run(child: ChildRun) -> None:
     ctx = RunContext(device=device, seed=seed, artifact_dir=spec.artifact_dir, data_root=spec.data_root,
                      max_memory_bytes=spec.max_memory_bytes)
     result["timing"]["startup_s"] = time.perf_counter() - T_START
+    if spec.cache_dir:
+        os.environ[ENV_DERIVED_CACHE] = spec.cache_dir
     with timer.phase("setup"):
         splits = dataset.load(config, seed, spec.data_root)
         result["data"] = splits.info

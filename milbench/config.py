@@ -109,6 +109,33 @@ class Param:
         return value
 
 
+@dataclass(frozen=True)
+class AutoParam(Param):
+    """An int key that also takes ``auto``: the plugin picks the value when it
+    sees what it needs to (the data found, the memory budget), and says in the
+    record what it picked. A Param of one type cannot say "int or auto", and a
+    string key would lose the integer check, so this one parses both."""
+
+    def describe(self) -> str:
+        return "'auto' or " + super().describe()
+
+    def parse(self, key: str, text: str) -> Any:
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"bad value for '{key}': {text!r} is not {self.describe()}") from None
+        return self.validate(key, value)
+
+    def validate(self, key: str, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str):
+            raise ConfigError(f"bad value for '{key}': {value!r} is not {self.describe()}")
+        return super().validate(key, value)
+
+
 def resolve(
     params: Mapping[str, Param],
     layers: list[tuple[str, Mapping[str, Any]]],

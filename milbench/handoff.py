@@ -52,6 +52,8 @@ class ChildSpec:
     max_memory_bytes: int | None = None
     #: The small file the child rewrites with the current epoch's progress (the parent's bar).
     progress_path: str | None = None
+    #: ``<results>/cache``: where the run's dataset keeps derived files (``derived_cache_dir``).
+    cache_dir: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

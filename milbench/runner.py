@@ -220,7 +220,8 @@ def execute(plan: RunPlan, results: Path, device: str = "auto", data_root: str |
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         progress_path = Path(tmp) / "progress.json"
         spec_path.write_text(ChildSpec(plan.method, plan.dataset, plan.config, plan.seed, device, data_root,
-                                       str(artifact_dir), max_memory, str(progress_path)).to_json())
+                                       str(artifact_dir), max_memory, str(progress_path),
+                                       str(results / "cache")).to_json())
         load_before = machine_load()
         t0 = time.perf_counter()
         outcome, error = None, None

@@ -90,8 +90,10 @@ def fit(
             pending = 0
             for k, idx in enumerate(order):
                 bag = splits.train[int(idx)]
-                if augment is not None and not isinstance(bag, LazyBag):
-                    # a lazy bag (tiles read from a slide on demand) is not materialised to augment it
+                if augment is not None and isinstance(bag, LazyBag):
+                    # a lazy bag (tiles read from a slide on demand) is augmented as it is read
+                    bag = bag.augmented(augment, int(torch.randint(2**62, (1,), generator=aug_gen)))
+                elif augment is not None:
                     bag = dataclasses.replace(bag, instances=augment(bag.instances, aug_gen))
                 losses.append(float(method.backward(model, bag.to(device), config)))
                 pending += 1

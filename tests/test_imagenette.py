@@ -267,6 +267,25 @@ def test_declares_the_shared_dataset_keys():
     assert (paper["instance_size"], paper["bag_size"], paper["key_fraction"]) == (112, 50, 0.3)
 
 
+def test_auto_training_bags_follow_the_data_found(no_roots):
+    """``n_train_bags=auto`` (the default): one epoch shows each training image about once, at
+    least MIN_AUTO_TRAIN_BAGS; the record says what it chose; an explicit count still wins."""
+    from milbench.config import resolve
+
+    params = imn.ImagenetteBags.params
+    assert params["n_train_bags"].default == "auto"
+    assert imn.auto_train_bags(8049, 10) == 804 and imn.auto_train_bags(472, 10) == imn.MIN_AUTO_TRAIN_BAGS
+    ds = imn.ImagenetteBags()
+    small = {**SMALL, "n_train_bags": "auto", "bag_size": 6}
+    splits = ds.load(small, 0, None)  # the shipped sample: 472 training images -> the floor
+    assert splits.info["source"] == "sample"
+    assert len(splits.train) == splits.info["n_bags"]["train"] == imn.MIN_AUTO_TRAIN_BAGS
+    assert len(ds.load({**small, "n_train_bags": 30}, 0, None).train) == 30
+    assert resolve(params, [], ["n_train_bags=auto"])["n_train_bags"] == "auto"
+    with pytest.raises(ConfigError, match="bad value for 'n_train_bags': 'lots' is not 'auto' or int >= 1"):
+        resolve(params, [], ["n_train_bags=lots"])
+
+
 # -- files --------------------------------------------------------------------------------------
 def test_decode_converts_grayscale_and_cmyk_to_three_channels(tmp_path):
     from PIL import Image

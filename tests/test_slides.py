@@ -158,6 +158,41 @@ def test_grad_accum_on_a_lazy_bag_equals_abmil_on_the_tensor(slides, tmp_path):
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_augmented_lazy_bag_is_one_augmentation_however_it_is_read(slides, tmp_path):
+    """An augmented slide bag (the harness's ``LazyBag.augmented``) is augmented tile by tile as it is
+    read: chunks, repeats and the streamed image all show the same augmented pixels, and grad-accum's
+    gradient on it still equals abmil's on the materialised bag."""
+    import torch
+
+    ds = Slides()
+    m, config = _registry_plan("grad-accum", slides, tmp_path, "chunk_size=6")
+    abmil, _ = _registry_plan("abmil", slides, tmp_path)
+    plain = ds.load(config, 0, None).train[1]
+    bag = plain.augmented(ds.augment, visit_seed=12345)
+    full = bag.instances
+    assert not torch.equal(full, plain.instances)  # it did augment
+    x = bag.lazy_instances
+    assert torch.equal(x[4:11], full[4:11]) and torch.equal(x.index_select(0, torch.tensor([9, 2, 9])), full[[9, 2, 9]])
+    assert torch.equal(plain.augmented(ds.augment, visit_seed=12345).instances, full)  # same visit seed: same pixels
+    assert not torch.equal(plain.augmented(ds.augment, visit_seed=7).instances, full)
+    # the streamed image shows the augmented tiles where the grid puts them, background unchanged
+    whole = bag.image()
+    p = bag.patch_size
+    for i in (0, len(bag) // 2, len(bag) - 1):
+        r, c = bag.grid[i].tolist()
+        assert torch.equal(whole[:, r * p:(r + 1) * p, c * p:(c + 1) * p], full[i])
+    tissue = bag.instance_map(torch.ones(len(bag))) > 0
+    assert torch.equal(whole[:, ~tissue], plain.image()[:, ~tissue])
+    assert torch.equal(bag.lazy_image[..., 5:77, 17:90], whole[:, 5:77, 17:90])  # a crop across cell borders
+    grads = []
+    for meth, b in ((m, bag), (abmil, bag.to("cpu"))):
+        torch.manual_seed(0)
+        model = m.build(ds.spec(config), config, RunContext(device=torch.device("cpu"), seed=0)).train()
+        meth.backward(model, b, config)
+        grads.append(torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 def test_annotations_label_the_key_region(slides, tmp_path):
     sp = Slides().load(cfg(slides, tmp_path), 0, None)
     per = {p["slide_id"]: p for p in sp.info["per_slide"]}
@@ -242,14 +277,22 @@ def test_cli_run_records_the_manifest_and_bad_input_exits_2(slides, tmp_path):
     res = tmp_path / "res"
     env = {"MILBENCH_RESULTS": str(res)}
     r = run_cli("run", "-m", "grad-accum", "-d", "slides", "--smoke", "--device", "cpu",
-                "--set", f"manifest={slides}", "--set", f"tile_cache={tmp_path / 'cache'}", "--set", "downsample=2",
-                env=env)
+                "--set", f"manifest={slides}", "--set", "downsample=2", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     rec = records_in(res)[0]
     assert rec["status"] == "ok"
     assert rec["data"]["source"] == "slides"
     assert rec["data"]["manifest_sha256"] == hashlib.sha256(slides.read_bytes()).hexdigest()
     assert rec["metrics"]["bag_auc"] is not None and rec["metrics"]["dice"] is not None
+    # No tile_cache: the coordinates are cached beside the records, and the next run there reads them.
+    assert Path(rec["data"]["tiling"]["cache"]) == res / "cache" / "slide-tiles"
+    assert not any(s["tiles_from_cache"] for s in rec["data"]["per_slide"])
+    assert len(list((res / "cache" / "slide-tiles").glob("*.npz"))) == len(rec["data"]["per_slide"])
+    r = run_cli("run", "-m", "sampled", "-d", "slides", "--smoke", "--device", "cpu",
+                "--set", f"manifest={slides}", "--set", "downsample=2", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = [x for x in records_in(res) if x["method"] == "sampled"][0]
+    assert again["status"] == "ok" and all(s["tiles_from_cache"] for s in again["data"]["per_slide"])
     bad = _bad(tmp_path, slides, GOOD + ["slide-009,@slide-009.png,7,"])
     r = run_cli("run", "-m", "abmil", "-d", "slides", "--smoke", "--device", "cpu", "--set", f"manifest={bad}",
                 "--set", f"tile_cache={tmp_path / 'cache'}", env=env)

@@ -166,7 +166,7 @@ def test_tile_keys_parse_and_refuse_clearly(plugin):
     assert params["tile_size"].parse("tile_size", "320") == 320
     assert params["tile_size"].validate("tile_size", 320.0) == 320
     for bad in ("big", "4", "12.5"):
-        with pytest.raises(ConfigError, match="bad value for 'tile_size': .* is not 'auto' or int >= 8"):
+        with pytest.raises(ConfigError, match="bad value for 'tile_size': .*(is not|valid:) 'auto' or int >= 8"):
             params["tile_size"].parse("tile_size", bad)
     with pytest.raises(ConfigError, match="bad value for 'tile_shape'"):
         params["tile_shape"].parse("tile_shape", "round")
@@ -266,6 +266,44 @@ def test_attention_lands_where_the_trunk_looked(trunk, pool):
     peak = (pix == pix.max()).nonzero()[0].tolist()
     assert all(abs(peak[i] - centre[i]) <= 0.5 for i in range(2))
     assert float(pix.min()) >= 0.0 and float(pix.max()) <= 1.0
+
+
+def test_attention_painted_in_bands_equals_the_whole_map(plugin):
+    """Prediction paints the attention map band by band (a slide's full-resolution map is never
+    held): the bands equal rows of the whole map, the per-instance maxima equal those of the whole
+    map, and the gather interpolation equals the dense interpolation-matrix product it replaces."""
+    from milbench.api import Bag
+    from milbench_plugins.streamingclam.clam import CLAMHead, StreamingCLAMModel
+    from milbench_plugins.streamingclam.trunk import build_trunk
+
+    t = build_trunk("small", 3)
+    model = StreamingCLAMModel(t, CLAMHead(t.out_channels, 8, 4), 1000)
+    p, rows, cols = 8, 37, 23  # more grid rows than one band, not a multiple of it
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    keep = torch.randperm(len(grid), generator=torch.Generator().manual_seed(0))[:200]
+    bag = Bag(torch.zeros(len(keep), 3, p, p), 1, grid[keep], (rows, cols), torch.zeros(len(keep), dtype=torch.long))
+    with torch.no_grad():
+        h, w = t(torch.zeros(1, 3, rows * p, cols * p))[0].shape[-2:]
+    a = torch.rand(h, w, generator=torch.Generator().manual_seed(1))
+    whole = plugin.attention_pixels(model, a, bag)
+    assert whole.shape == (rows * p, cols * p)
+    assert torch.equal(plugin.attention_pixels(model, a, bag, (40, 97)), whole[40:97])
+    assert torch.allclose(plugin.instance_attention(model, a, bag), plugin.instance_maxima(whole, bag))
+    geo = model.stream.geometry
+
+    def dense(n_px: int, n_pos: int, stride: float, c0: float) -> torch.Tensor:
+        u = ((torch.arange(n_px, dtype=torch.float64) - c0) / stride).clamp(0, n_pos - 1)
+        i0 = u.floor().long()
+        i1 = (i0 + 1).clamp(max=n_pos - 1)
+        m = torch.zeros(n_px, n_pos, dtype=torch.float64)
+        m.scatter_add_(1, i0[:, None], (1 - (u - i0))[:, None])
+        m.scatter_add_(1, i1[:, None], (u - i0)[:, None])
+        return m
+
+    norm = (a / a.max()).double()
+    ref = dense(rows * p, h, geo.stride[0], (geo.lo[0] + geo.hi[0]) / 2) @ norm \
+        @ dense(cols * p, w, geo.stride[1], (geo.lo[1] + geo.hi[1]) / 2).t()
+    assert torch.allclose(whole.double(), ref, atol=1e-6)
 
 
 def test_kept_map_estimate_matches_the_tensors_a_step_keeps(plugin, monkeypatch):

@@ -9,10 +9,10 @@ them with the dataset's own defaults.
 
 from __future__ import annotations
 
-from milbench.config import Param
+from milbench.config import AutoParam, Param
 
 
-def bag_params(*, bag_size: int, instance_size: int, key_fraction: float, n_train_bags: int = 200,
+def bag_params(*, bag_size: int, instance_size: int, key_fraction: float, n_train_bags: int | str = 200,
                n_val_bags: int = 50, n_test_bags: int = 100, bag_size_std: float | None = 0.0,
                min_instance_size: int = 8, max_instance_size: int | None = None,
                help: dict[str, str] | None = None) -> dict[str, Param]:
@@ -21,6 +21,9 @@ def bag_params(*, bag_size: int, instance_size: int, key_fraction: float, n_trai
     ``bag_size_std=None`` leaves that key out (a dataset whose bags have a fixed
     shape, e.g. a grid of tiles). ``help`` replaces a key's help text with one
     that says what it means on this dataset (e.g. what a key instance is).
+    ``n_train_bags="auto"`` makes that key an :class:`~milbench.config.AutoParam`:
+    the dataset sizes the training set to the data it finds (and records what it
+    picked), so one default serves a shipped sample and the full data.
     """
     text = {
         "bag_size": "instances per bag (the mean when bag_size_std > 0)",
@@ -38,7 +41,8 @@ def bag_params(*, bag_size: int, instance_size: int, key_fraction: float, n_trai
         "instance_size": Param(instance_size, int, text["instance_size"], low=min_instance_size,
                                high=max_instance_size),
         "key_fraction": Param(key_fraction, float, text["key_fraction"], low=0, high=1, low_open=True),
-        "n_train_bags": Param(n_train_bags, int, text["n_train_bags"], low=1),
+        "n_train_bags": (AutoParam if n_train_bags == "auto" else Param)(n_train_bags, int, text["n_train_bags"],
+                                                                         low=1),
         "n_val_bags": Param(n_val_bags, int, text["n_val_bags"], low=1),
         "n_test_bags": Param(n_test_bags, int, text["n_test_bags"], low=1),
     }

@@ -9,12 +9,26 @@ import os
 from pathlib import Path
 
 ENV_DATA_ROOT = "MILBENCH_DATA_ROOT"
+#: Set by the harness in a run's process: the results folder's ``cache/`` (:func:`derived_cache_dir`).
+ENV_DERIVED_CACHE = "MILBENCH_DERIVED_CACHE"
 
 
 def cache_dir() -> Path:
     """The per-user data cache (``$XDG_CACHE_HOME/milbench`` or ``~/.cache/milbench``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "milbench"
+
+
+def derived_cache_dir() -> Path:
+    """Where a dataset keeps what it computes from its files (a slide's tile coordinates).
+
+    Inside a run it is ``<results>/cache`` (the harness sets ``MILBENCH_DERIVED_CACHE`` in the
+    run's process), so the cache lives beside the records it served: the next run or sweep
+    point on those results reuses it, on SLURM and Ray workers too, and deleting a results
+    folder deletes its cache. Outside a run (``milbench data``) it is the per-user cache.
+    """
+    value = os.environ.get(ENV_DERIVED_CACHE)
+    return Path(value) if value else cache_dir()
 
 
 def candidate_roots(data_root: str | os.PathLike | None) -> list[Path]:

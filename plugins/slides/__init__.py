@@ -6,7 +6,7 @@ tiled TIFF and everything else OpenSlide reads, TIFF/OME-TIFF through tifffile
 where OpenSlide cannot, plain PNG/JPEG as one-level slides (:mod:`.reader`).
 Each slide is tiled once per setting (tissue by Otsu on saturation, a regular
 grid at the requested mpp or level; :mod:`.tiling`) and the tile coordinates
-are cached; tiles are read lazily (:mod:`.bags`): grad-accum reads a chunk at a
+are cached beside the results; tiles are read lazily (:mod:`.bags`): grad-accum reads a chunk at a
 time, sampled the drawn tiles, streamingclam the tissue bounding box as a
 uint8 image converted per streamed tile, abmil the whole bag because it asks.
 Optional GeoJSON annotations (QuPath) give tile labels, hence Dice and the
@@ -24,9 +24,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from milbench.api import DataSpec, Dataset, DataStatus, MilbenchError, Param, Splits, cache_dir, hookimpl, resolve
+from milbench.api import (DataSpec, Dataset, DataStatus, MilbenchError, Param, Splits, derived_cache_dir, hookimpl,
+                          resolve)
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from .tiling import TilingKeys
 
 PARAMS: dict[str, Param] = {
@@ -52,21 +55,15 @@ PARAMS: dict[str, Param] = {
                           low=0, high=0.8),
     "test_fraction": Param(0.3, float, "share of slides (per label) for test when the manifest has no split",
                            low=0, high=0.8),
-    "tile_cache": Param(None, str, "folder for cached tile coordinates; none: <user cache>/milbench/slide-tiles",
+    "tile_cache": Param(None, str, "folder for cached tile coordinates; none: <results>/cache/slide-tiles in a "
+                        "run (beside its records), <user cache>/milbench/slide-tiles for 'milbench data'",
                         nullable=True),
 }
 
 
-def _defaults() -> dict[str, Any]:
-    """Training augmentation reads every instance of a bag (``augment(bag.instances)``),
-    which would read a whole slide per step; slides train without it."""
-    from milbench.api import PROTOCOL_PARAMS
-
-    return {"augment": False} if "augment" in PROTOCOL_PARAMS else {}
-
-
 def _cache_dir(value: str | None) -> Path:
-    return Path(value).expanduser() if value else cache_dir() / "slide-tiles"
+    """``tile_cache``, else the harness's cache beside the results (:func:`derived_cache_dir`)."""
+    return Path(value).expanduser() if value else derived_cache_dir() / "slide-tiles"
 
 
 def _tiling_keys(cfg: Mapping[str, Any]) -> TilingKeys:
@@ -80,8 +77,16 @@ class Slides(Dataset):
     name = "slides"
     description = "your whole-slide images from a CSV manifest (OpenSlide / tifffile / PNG-JPEG); one slide = one bag"
     params = PARAMS
-    defaults = _defaults()
     smoke = {"instance_size": 32, "bag_size": 16}
+    augmentation = "per tile: dihedral flips (tissue has no up), contrast +-10%, brightness +-0.1 std"
+
+    def augment(self, instances: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
+        """Orientation-free tissue: any of the 8 flips/rotations, and a mild stain/contrast shift.
+        The harness applies it to a slide bag tile by tile as the tiles are read
+        (``LazyBag.augmented``), never by reading the whole slide."""
+        from milbench.api import color_jitter, random_flips
+
+        return color_jitter(random_flips(instances, generator), generator, brightness=0.1, contrast=0.1)
 
     def _config(self, config: Mapping[str, Any]) -> dict[str, Any]:
         cfg = {k: p.default for k, p in self.params.items()}

@@ -45,10 +45,9 @@ streaming methods).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from milbench.api import Bag, ConfigError, DataSpec, Method, Param, Prediction, RunContext, Splits, hookimpl
+from milbench.api import AutoParam, Bag, ConfigError, DataSpec, Method, Param, Prediction, RunContext, Splits, hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -68,40 +67,12 @@ _TILE_SHAPES = ("square", "area")  # the streaming engine's TILE_SHAPES, without
 TILE_BUDGET_SHARE = 0.5
 
 
-@dataclass(frozen=True)
-class TileSizeParam(Param):
-    """``tile_size``: a side in pixels, or ``auto`` (the largest tile whose activations
-    fit the run's memory budget). A Param of one type cannot say "int or auto", and a
-    string key would lose the integer check, so this one parses both."""
-
-    def describe(self) -> str:
-        return f"'auto' or int >= {self.low:g}"
-
-    def parse(self, key: str, text: str) -> Any:
-        if text.strip().lower() == "auto":
-            return "auto"
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(f"bad value for '{key}': {text!r} is not {self.describe()}") from None
-        return self.validate(key, value)
-
-    def validate(self, key: str, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or (self.low is not None and value < self.low):
-            raise ConfigError(f"bad value for '{key}': {value!r} is not {self.describe()}")
-        return value
-
-
 class StreamingCLAM(Method):
     name = "streamingclam"
     supervision = "bag"
     description = "streaming CNN over the bag image (exact tiled forward/backward) + CLAM-SB attention head"
     params = {
-        "tile_size": TileSizeParam("auto", int, "streaming tile side in pixels (>= the image: one plain pass), or "
+        "tile_size": AutoParam("auto", int, "streaming tile side in pixels (>= the image: one plain pass), or "
                                    "auto: the largest tile whose activations fit half of what --max-memory leaves "
                                    "free (2 GiB without --max-memory)", low=8),
         "tile_shape": Param("area", str, "square: tile sides <= tile_size; area: rectangles of <= tile_size**2 px "
@@ -202,11 +173,15 @@ class StreamingCLAM(Method):
         out = model.head(model.stream.forward_streamed(bag.lazy_image))
         probs = torch.softmax(out.logits.double(), dim=0)
         bag_prob = float(probs[1])
-        pixel = attention_pixels(model, out.attention_map, bag) * bag_prob
+        if config["score_level"] == "pixel":
+            pixel = attention_pixels(model, out.attention_map, bag) * bag_prob
+            scores = instance_maxima(pixel, bag)
+        else:  # the full-resolution map is never built: per-instance maxima band by band
+            pixel, scores = None, instance_attention(model, out.attention_map, bag) * bag_prob
         return Prediction(
             bag_prob=bag_prob,
-            instance_scores=instance_maxima(pixel, bag),
-            pixel_scores=pixel if config["score_level"] == "pixel" else None,
+            instance_scores=scores,
+            pixel_scores=pixel,
             loss=float(clam_loss(out, bag.label)),
             extra={"feature_map": list(out.attention_map.shape)},
         )
@@ -361,14 +336,36 @@ def _free_after_setup(trunk: nn.Module, ctx: RunContext, limit: int) -> float:
     return float(limit - in_use - state)
 
 
-def attention_pixels(model: StreamingCLAMModel, attention_map: torch.Tensor, bag: Bag) -> torch.Tensor:
+def attention_pixels(model: StreamingCLAMModel, attention_map: torch.Tensor, bag: Bag,
+                     rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The (h, w) attention map divided by its maximum and painted onto the
     bag image (rows*p, cols*p), each position centred where the trunk looked
-    (:meth:`.clam.StreamingCLAMModel.upsample`); CPU float in [0, 1]."""
+    (:meth:`.clam.StreamingCLAMModel.upsample`); CPU float in [0, 1]. ``rows``:
+    only those pixel rows."""
     a = attention_map.detach().float().cpu()
     a = a / a.max().clamp_min(1e-12)
-    rows, cols = bag.grid_shape
-    return model.upsample(a, (rows * bag.patch_size, cols * bag.patch_size)).clamp_(0, 1)
+    n_rows, n_cols = bag.grid_shape
+    return model.upsample(a, (n_rows * bag.patch_size, n_cols * bag.patch_size), rows).clamp_(0, 1)
+
+
+#: Pixel rows of the attention map painted at a time when only per-instance maxima are needed:
+#: a slide's full-resolution map (rows*p x cols*p floats) is never held for them.
+CELL_ROWS_PER_BLOCK = 16
+
+
+def instance_attention(model: StreamingCLAMModel, attention_map: torch.Tensor, bag: Bag) -> torch.Tensor:
+    """:func:`instance_maxima` of :func:`attention_pixels`, painted a band of grid rows at a time
+    (memory: one band, not the image)."""
+    import torch
+
+    n_rows, n_cols = bag.grid_shape
+    p = bag.patch_size
+    cells = torch.empty(n_rows, n_cols)
+    for r in range(0, n_rows, CELL_ROWS_PER_BLOCK):
+        r1 = min(n_rows, r + CELL_ROWS_PER_BLOCK)
+        band = attention_pixels(model, attention_map, bag, (r * p, r1 * p))
+        cells[r:r1] = band.view(r1 - r, p, n_cols, p).amax(dim=(1, 3))
+    return cells[bag.grid[:, 0].cpu(), bag.grid[:, 1].cpu()]
 
 
 def instance_maxima(pixel: torch.Tensor, bag: Bag) -> torch.Tensor:

@@ -164,8 +164,10 @@ class StreamingCLAMModel(nn.Module):
     def forward(self, image: torch.Tensor, label: int | None = None) -> CLAMOutput:
         return self.head(self.stream(image.unsqueeze(0) if image.dim() == 3 else image), label)
 
-    def upsample(self, attention_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Paint an (h, w) map over the head's positions onto the (H, W) image.
+    def upsample(self, attention_map: torch.Tensor, size: tuple[int, int],
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Paint an (h, w) map over the head's positions onto the (H, W) image
+        (``rows=(y0, y1)``: only those image rows, for a map too large to hold whole).
 
         Position ``o`` of the trunk is centred on input pixel
         ``o*stride + (lo + hi)/2`` (the middle of its receptive field, from the
@@ -173,29 +175,30 @@ class StreamingCLAMModel(nn.Module):
         centre). Pixels between centres interpolate linearly, pixels beyond
         the outermost centres take the edge value: a separable linear
         interpolation that puts the map where the trunk looked, whatever its
-        padding, unlike a plain resize.
+        padding, unlike a plain resize. Each output pixel reads its two
+        neighbouring centres per axis (a gather), so the work and memory are
+        those of the output rows, float32, never an (H, h) matrix.
         """
         geo = self.stream.geometry
         pool = self.head.pool.kernel_size if isinstance(self.head.pool, nn.MaxPool2d) else 1
-        m = attention_map.detach().to("cpu", torch.float64)
-        rows = _interp_matrix(size[0], m.shape[0], geo.stride[0] * pool,
-                              (geo.lo[0] + geo.hi[0]) / 2 + (pool - 1) / 2 * geo.stride[0])
-        cols = _interp_matrix(size[1], m.shape[1], geo.stride[1] * pool,
-                              (geo.lo[1] + geo.hi[1]) / 2 + (pool - 1) / 2 * geo.stride[1])
-        return (rows @ m @ cols.t()).float()
+        m = attention_map.detach().to("cpu", torch.float32)
+        y0, y1 = rows if rows is not None else (0, size[0])
+        r0, r1, rw = _interp_weights(torch.arange(y0, y1), m.shape[0], geo.stride[0] * pool,
+                                     (geo.lo[0] + geo.hi[0]) / 2 + (pool - 1) / 2 * geo.stride[0])
+        c0, c1, cw = _interp_weights(torch.arange(size[1]), m.shape[1], geo.stride[1] * pool,
+                                     (geo.lo[1] + geo.hi[1]) / 2 + (pool - 1) / 2 * geo.stride[1])
+        by_rows = m[r0] * (1 - rw)[:, None] + m[r1] * rw[:, None]  # (y1-y0, w)
+        return by_rows[:, c0] * (1 - cw) + by_rows[:, c1] * cw
 
 
-def _interp_matrix(n_pixels: int, n_positions: int, stride: float, centre0: float) -> torch.Tensor:
-    """(n_pixels, n_positions) weights of linear interpolation between position
-    centres ``centre0 + o*stride`` (clamped at the ends); rows sum to one."""
-    u = ((torch.arange(n_pixels, dtype=torch.float64) - centre0) / stride).clamp(0, n_positions - 1)
+def _interp_weights(pixels: torch.Tensor, n_positions: int, stride: float,
+                    centre0: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each pixel, its two neighbouring position centres ``centre0 + o*stride`` (clamped
+    at the ends) and the weight of the second: linear interpolation between them."""
+    u = ((pixels.to(torch.float64) - centre0) / stride).clamp(0, n_positions - 1)
     i0 = u.floor().long()
     i1 = (i0 + 1).clamp(max=n_positions - 1)
-    w = u - i0
-    out = torch.zeros(n_pixels, n_positions, dtype=torch.float64)
-    out.scatter_add_(1, i0[:, None], (1 - w)[:, None])
-    out.scatter_add_(1, i1[:, None], w[:, None])
-    return out
+    return i0, i1, (u - i0).to(torch.float32)
 
 
 def head_bytes_per_position(head: CLAMHead, channels: int, inst_weight: float = 0.3) -> float:
