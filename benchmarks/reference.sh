@@ -13,6 +13,13 @@ if [[ "$what" == sweeps || "$what" == all ]]; then
   milbench sweep -m all -d qmnist,imagenette,mouse-brain --seeds 0,1,2 --device cpu --results results/reference
   # grad-accum against abmil, paired by seed: 5 seeds on qmnist and imagenette
   milbench sweep -m abmil,grad-accum -d qmnist,imagenette --seeds 0-4 --device cpu --results results/reference
+  # equal-budget tuning on qmnist: 4 trials per method on validation, then the tuned preset on 3 seeds
+  for m in sampled streamingclam abmil grad-accum; do
+    milbench tune -m $m -d qmnist --trials 4 --seed 0 --device cpu --results results/tuned-qmnist-cpu
+    for s in 0 1 2; do
+      milbench run -m $m -d qmnist --preset tuned-$m-qmnist --seed $s --device cpu --results results/tuned-qmnist-cpu
+    done
+  done
   # the README's main job on the shipped sample, seeds 0-2
   for s in 0 1 2; do
     env -u MILBENCH_DATA_ROOT milbench run --method grad-accum --dataset imagenette --seed $s --results results/main-job

@@ -174,12 +174,43 @@ def paired_table() -> str:
     return "\n".join(out)
 
 
+TUNED = "results/tuned-qmnist-cpu"
+TUNED_METHODS = ("abmil", "grad-accum", "sampled", "streamingclam")
+
+
+def tuned_table(folder: str = TUNED, dataset: str = "qmnist") -> str:
+    """Equal-budget tuning: per method the saved preset (trials, best validation AUC, the values
+    chosen) and test AUC over seeds of the tuned preset against the default preset's."""
+    presets = {}
+    for m in TUNED_METHODS:
+        path = ROOT / folder / "presets" / f"tuned-{m}-{dataset}.json"
+        if path.exists():
+            presets[m] = json.loads(path.read_text())
+    if not presets:
+        return "(no tuned presets yet)\n"
+    runs = [r for r in _records(folder) if r.get("status") == "ok" and not r.get("smoke")]
+    default = [r for r in _records("results/reference") if r.get("status") == "ok" and not r.get("smoke")
+               and r.get("dataset") == dataset and r.get("preset") == "default"]
+    lines = ["| method | trials | best trial's val AUC | tuned values | default test AUC (seeds 0–2) | "
+             "tuned test AUC | tuned seeds |", "|---|---|---|---|---|---|---|"]
+    for m, doc in presets.items():
+        t = doc.get("tuned") or {}
+        tuned = sorted((r for r in runs if r["method"] == m and r.get("preset") == doc["name"]), key=lambda r: r["seed"])
+        base = [r["metrics"].get("bag_auc") for r in default if r["method"] == m and r["seed"] in (0, 1, 2)]
+        vals = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in doc["values"].items())
+        lines.append(f"| {m} | {t.get('trials', '—')} | {_cell([t.get('best_value')])} | {vals} | {_cell(base)} | "
+                     f"{_cell([r['metrics'].get('bag_auc') for r in tuned])} | "
+                     f"{', '.join(str(r['seed']) for r in tuned) or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     template = (ROOT / "benchmarks" / "results_readme.md.in").read_text()
     text = template.format(
         reference=per_dataset_reference(),
         main_job=main_job_table(),
         paired=paired_table(),
+        tuned=tuned_table(),
         mouse_brain=mouse_brain_table(),
         parity=report("results/parity-cpu", "bag_auc", "bag_accuracy", "dice"),
         bag_size=report("results/bag-size-cpu", "train_s_per_bag", "peak_mib"),

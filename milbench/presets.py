@@ -4,9 +4,12 @@ A built-in preset lives in a plugin (``Method.presets``/``Dataset.presets``).
 A tuned preset belongs to one method on one dataset and lives beside the
 results it was tuned on: ``RESULTS/presets/<name>.json``::
 
-    {"name": "tuned-grad-accum-imagenette", "method": "grad-accum", "dataset": "imagenette",
+    {"kind": "preset", "name": "tuned-grad-accum-imagenette", "method": "grad-accum", "dataset": "imagenette",
      "values": {"lr": 0.0012, "weight_decay": 0.003, "dropout": 0.1},
      "tuned": {"study": ..., "trials": 20, "best_trial": 7, "objective": "val_bag_auc", ...}}
+
+(``kind`` tells ``milbench report``, which reads every ``.json`` under the results, that the file is
+not a run record.)
 
 ``values`` are applied as the preset layer of the config (``--set`` still
 wins), so a tuned preset may set protocol learning keys for its own method:
@@ -81,6 +84,6 @@ def save_preset(results: Path, name: str, method: str, dataset: str, values: Map
 
     path = preset_path(results, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"name": name, "method": method, "dataset": dataset, "values": dict(values),
+    write_json_atomic(path, {"kind": "preset", "name": name, "method": method, "dataset": dataset, "values": dict(values),
                              "tuned": dict(tuned or {})})
     return path

@@ -31,7 +31,7 @@ def _complete(study):
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def test_tune_resumes_after_sigkill_without_losing_finished_trials(tmp_path, data_root):
+def test_tune_resumes_after_sigkill_without_losing_finished_trials(tmp_path, data_root, capsys):
     out = tmp_path / "runs"
     cmd = [sys.executable, "-m", "milbench", *TUNE, "--trials", "3", "--results", str(out)]
     proc = subprocess.Popen(cmd, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -79,6 +79,12 @@ def test_tune_resumes_after_sigkill_without_losing_finished_trials(tmp_path, dat
     # the tuned preset round-trips through `run --preset`
     preset = json.loads((out / "presets" / "tuned-abmil-qmnist-smoke.json").read_text())
     assert preset["method"] == "abmil" and preset["tuned"]["trials"] == 3
+    assert preset["kind"] == "preset"  # so reading the results folder does not take it for a broken record
+    from milbench.records import iter_records
+
+    capsys.readouterr()
+    assert len(list(iter_records(out, warn=True))) == len(records_in(out))
+    assert "not a milbench record" not in capsys.readouterr().err
     assert preset["values"] == best.params
     res = run_cli("run", "-m", "abmil", "-d", "qmnist", "--smoke", "--preset", "tuned-abmil-qmnist-smoke",
                   "--seed", "5", "--results", str(out), env=ENV)
