@@ -328,9 +328,9 @@ class AugmentedInstances(InstanceSource):
 
         x = self.source.read(index)
         out = torch.empty_like(x)
-        for j, i in enumerate(index):
-            gen = torch.Generator().manual_seed(instance_seed(self.visit_seed, int(i)))
-            out[j:j + 1] = self.augment(x[j:j + 1], gen)
+        gen = torch.Generator()
+        for j, i in enumerate(index):  # one call per instance: ~0.3 ms per 32-px tile, the price of chunk-invariance
+            out[j:j + 1] = self.augment(x[j:j + 1], gen.manual_seed(instance_seed(self.visit_seed, int(i))))
         return out
 
 

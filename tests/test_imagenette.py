@@ -188,8 +188,10 @@ def test_sample_runs_the_default_paper_and_smoke_configs(no_roots):
         splits = ds.load(cfg, 0, None)
         cfg_all = ds._config(cfg)
         assert splits.info["source"] == "sample"
-        assert [len(splits.train), len(splits.val), len(splits.test)] == [
-            cfg_all["n_train_bags"], cfg_all["n_val_bags"], cfg_all["n_test_bags"]]
+        want = [cfg_all[f"n_{s}_bags"] for s in ("train", "val", "test")]
+        if want[0] == "auto":  # resolved from the training images found
+            want[0] = imn.auto_train_bags(splits.info["pool_sizes"]["train"], cfg_all["bag_size"])
+        assert [len(splits.train), len(splits.val), len(splits.test)] == want == list(splits.info["n_bags"].values())
         assert splits.train[0].instances.shape[1:] == (3, cfg_all["instance_size"], cfg_all["instance_size"])
 
 
