@@ -73,8 +73,8 @@ class StreamingCLAM(Method):
     description = "streaming CNN over the bag image (exact tiled forward/backward) + CLAM-SB attention head"
     params = {
         "tile_size": AutoParam("auto", int, "streaming tile side in pixels (>= the image: one plain pass), or "
-                                   "auto: the largest tile whose activations fit half of what --max-memory leaves "
-                                   "free (2 GiB without --max-memory)", low=8),
+                               "auto: the largest tile whose activations fit half of what --max-memory leaves "
+                               "free (2 GiB without --max-memory)", low=8),
         "tile_shape": Param("area", str, "square: tile sides <= tile_size; area: rectangles of <= tile_size**2 px "
                             "that recompute least (same memory bound)", choices=_TILE_SHAPES),
         "trunk": Param("small", str, "CNN trunk streamed over the image", choices=_TRUNKS),
@@ -336,19 +336,23 @@ def _free_after_setup(trunk: nn.Module, ctx: RunContext, limit: int) -> float:
     return float(limit - in_use - state)
 
 
+def _normalised(attention_map: torch.Tensor) -> torch.Tensor:
+    a = attention_map.detach().float().cpu()
+    return a / a.max().clamp_min(1e-12)
+
+
 def attention_pixels(model: StreamingCLAMModel, attention_map: torch.Tensor, bag: Bag,
                      rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The (h, w) attention map divided by its maximum and painted onto the
     bag image (rows*p, cols*p), each position centred where the trunk looked
     (:meth:`.clam.StreamingCLAMModel.upsample`); CPU float in [0, 1]. ``rows``:
     only those pixel rows."""
-    a = attention_map.detach().float().cpu()
-    a = a / a.max().clamp_min(1e-12)
     n_rows, n_cols = bag.grid_shape
-    return model.upsample(a, (n_rows * bag.patch_size, n_cols * bag.patch_size), rows).clamp_(0, 1)
+    size = (n_rows * bag.patch_size, n_cols * bag.patch_size)
+    return model.upsample(_normalised(attention_map), size, rows).clamp_(0, 1)
 
 
-#: Pixel rows of the attention map painted at a time when only per-instance maxima are needed:
+#: Grid rows of the attention map painted at a time when only per-instance maxima are needed:
 #: a slide's full-resolution map (rows*p x cols*p floats) is never held for them.
 CELL_ROWS_PER_BLOCK = 16
 
@@ -360,10 +364,11 @@ def instance_attention(model: StreamingCLAMModel, attention_map: torch.Tensor, b
 
     n_rows, n_cols = bag.grid_shape
     p = bag.patch_size
+    a = _normalised(attention_map)
     cells = torch.empty(n_rows, n_cols)
     for r in range(0, n_rows, CELL_ROWS_PER_BLOCK):
         r1 = min(n_rows, r + CELL_ROWS_PER_BLOCK)
-        band = attention_pixels(model, attention_map, bag, (r * p, r1 * p))
+        band = model.upsample(a, (n_rows * p, n_cols * p), (r * p, r1 * p)).clamp_(0, 1)
         cells[r:r1] = band.view(r1 - r, p, n_cols, p).amax(dim=(1, 3))
     return cells[bag.grid[:, 0].cpu(), bag.grid[:, 1].cpu()]
 
