@@ -348,7 +348,7 @@ class AugmentedImage(ImageSource):
                  patch: int, chunk: int = 256):
         import numpy as np
 
-        c, h, w = base.shape
+        _, h, w = base.shape
         g = np.asarray(grid.detach().cpu() if hasattr(grid, "detach") else grid, dtype=np.int64).reshape(-1, 2)
         if len(g) and ((g[:, 0].max() + 1) * patch > h or (g[:, 1].max() + 1) * patch > w):
             raise ValueError(f"AugmentedImage: grid cells of {patch} px fall outside the {h}x{w} image")
@@ -428,10 +428,14 @@ class LazyBag(Bag):
             return LazyImage(self.image_source).materialize()
         return Bag.image(self)
 
-    def to(self, device: Any) -> "LazyBag":
-        return LazyBag(self.source, self.label, self.grid, self.grid_shape, self.instance_labels, self.instance_ids,
-                       self.mask, self.key_class, self.bag_id, image_source=self.image_source, device=device,
+    def _with(self, source: InstanceSource, image_source: ImageSource | None, device: Any) -> "LazyBag":
+        """This bag's labels and layout over another source, image source or device."""
+        return LazyBag(source, self.label, self.grid, self.grid_shape, self.instance_labels, self.instance_ids,
+                       self.mask, self.key_class, self.bag_id, image_source=image_source, device=device,
                        instance_labels_known=self.instance_labels_known, meta=self.meta)
+
+    def to(self, device: Any) -> "LazyBag":
+        return self._with(self.source, self.image_source, device)
 
     def augmented(self, augment: Augment, visit_seed: int) -> "LazyBag":
         """This bag with every instance augmented on read (:class:`AugmentedInstances`) and,
@@ -439,9 +443,7 @@ class LazyBag(Bag):
         source = AugmentedInstances(self.source, augment, visit_seed)
         image = (AugmentedImage(self.image_source, source, self.grid, self.patch_size)
                  if self.image_source is not None else None)
-        return LazyBag(source, self.label, self.grid, self.grid_shape, self.instance_labels, self.instance_ids,
-                       self.mask, self.key_class, self.bag_id, image_source=image, device=self.device,
-                       instance_labels_known=self.instance_labels_known, meta=self.meta)
+        return self._with(source, image, self.device)
 
     def __repr__(self) -> str:
         return (f"LazyBag(bag_id={self.bag_id!r}, label={self.label}, n={len(self)}, grid_shape={self.grid_shape}, "
