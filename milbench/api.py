@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from milbench.models.streaming import (
         ACTIVATION_HEADROOM, DEFAULT_TILE_BUDGET_BYTES, StagePlan, StreamingTrunk, auto_stages, describe, geometry,
         kept_map_bytes, kept_maps_error, saved_tensor_bytes, stage_maps, streamed_forward_backward)
+    from milbench.models.streamed_attention import PooledMap, attention_pool, attention_pool_step
     from milbench.protocol import PROTOCOL_PARAMS
     from milbench.segmentation_metrics import dense_class_metrics, metric_key
 
@@ -70,6 +71,8 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("StreamingTrunk", "streamed_forward_backward", "geometry", "auto_stages", "StagePlan",
                      "describe", "DEFAULT_TILE_BUDGET_BYTES", "ACTIVATION_HEADROOM", "kept_map_bytes", "kept_maps_error",
                      "stage_maps", "saved_tensor_bytes"), "milbench.models.streaming"),
+    # attention pooling streamed with the trunk (nothing area-sized kept but one score per position)
+    **dict.fromkeys(("PooledMap", "attention_pool", "attention_pool_step"), "milbench.models.streamed_attention"),
     # dense (pixel) class metrics for methods that predict class maps
     **dict.fromkeys(("dense_class_metrics", "metric_key"), "milbench.segmentation_metrics"),
     # the training protocol's keys (a dataset may set their defaults, a method may not)

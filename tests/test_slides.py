@@ -442,3 +442,24 @@ def test_ome_mpp_honours_the_physical_size_unit(size, unit, mpp, tmp_path):
     with tifffile.TiffFile(path) as tif:
         got = _tiff_mpp(tif)
     assert got == pytest.approx(mpp) if mpp is not None else got is None
+
+
+def test_streamed_head_on_a_lazy_slide_equals_the_whole_map(slides, tmp_path):
+    """streamingclam's head run tile by tile over a lazy slide image (uint8, read per tile) gives the
+    gradients of the whole-map head (float32 tolerance)."""
+    import torch
+
+    m, config = _registry_plan("streamingclam", slides, tmp_path, "downsample=2", "tile_size=128")
+    sp = Slides().load(config, 0, None)
+    bag = sp.train[0]
+    grads = []
+    for mode in ("always", "never"):
+        cfg = {**config, "stream_head": mode}
+        torch.manual_seed(0)
+        model = m.build(sp.spec, cfg, RunContext(device=torch.device("cpu"), seed=0)).train()
+        assert model.stream.tile_count(*bag.lazy_image.shape[-2:]) > 1, "the test must really stream"
+        m.backward(model, bag, cfg)
+        assert bool(model.tile_sizing.get("stream_head_streamed")) == (mode == "always")
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].shape == grads[1].shape
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)

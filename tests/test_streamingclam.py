@@ -65,7 +65,8 @@ def plain_step(model, bag, config):
 
 
 @pytest.mark.parametrize("overrides", [
-    {"inst_loss": "none"},
+    {"inst_loss": "none"},  # stream_head=auto: the head runs tile by tile too
+    {"inst_loss": "none", "stream_head": "never"},  # the whole feature map and dL/dF
     {"inst_loss": "none", "tile_shape": "square"},
     {"inst_loss": "svm", "inst_k": 3},
     {"inst_loss": "ce", "inst_k": 2, "head_pool": 2},
@@ -87,6 +88,9 @@ def test_backward_equals_plain_small_trunk(plugin, overrides):
             continue
         assert (got[name] - r).abs().max().item() <= 1e-9, name
     assert any(got[n] is not None for n in got if n.startswith("stream.trunk"))
+    head_streamed = overrides.get("stream_head", "auto") == "auto" and overrides["inst_loss"] == "none" \
+        and overrides.get("head_pool", 0) <= 1
+    assert bool(model.tile_sizing.get("stream_head_streamed")) == head_streamed
 
 
 def assert_streamed_step_equals_plain(method, model, bag, config, tol: float = 1e-9) -> None:
@@ -317,7 +321,7 @@ def test_kept_map_estimate_matches_the_tensors_a_step_keeps(plugin, monkeypatch)
     from milbench_plugins.streamingclam.clam import clam_loss
 
     method = plugin.StreamingCLAM()
-    config = make_config(method)
+    config = make_config(method, stream_head="never")  # the whole-map step is what this test measures
     limit = psutil.Process().memory_info().rss + 2**30
     model = method.build(DataSpec(channels=3, instance_size=32), config, RunContext("cpu", 0, max_memory_bytes=limit))
     x = torch.randn(3, 256, 320)
@@ -373,7 +377,7 @@ def test_an_image_too_large_for_max_memory_is_refused_before_training(plugin):
     import psutil
 
     method = plugin.StreamingCLAM()
-    config = make_config(method, hidden_dim=16, attn_dim=8)
+    config = make_config(method, hidden_dim=16, attn_dim=8, stream_head="never")
     limit = psutil.Process().memory_info().rss + 48 * 2**20
     model = method.build(DataSpec(channels=1, instance_size=16), config, RunContext("cpu", 0, max_memory_bytes=limit))
     free_budget = model.tile_sizing["stream_tile_budget_bytes"]
@@ -393,3 +397,42 @@ def test_an_image_too_large_for_max_memory_is_refused_before_training(plugin):
     assert loss == loss
     rec = method.artifacts(model, None, config, RunContext("cpu", 0))
     assert 0 < rec["stream_kept_map_bytes"] and rec["stream_tile_budget_bytes"] < free_budget
+
+
+def test_stream_head_always_refuses_a_head_it_cannot_stream(plugin):
+    method = plugin.StreamingCLAM()
+    for bad, word in [({"head_pool": 2}, "head_pool"), ({"inst_loss": "svm"}, "inst_loss"),
+                      ({"dropout": 0.25}, "dropout")]:
+        with pytest.raises(ConfigError) as err:
+            method.check(make_config(method, stream_head="always", tile_size=64, **bad))
+        assert "\n" not in str(err.value) and word in str(err.value) and "stream_head" in str(err.value)
+    method.check(make_config(method, stream_head="auto", tile_size=64, head_pool=2))  # auto falls back
+
+
+def test_streamed_head_keeps_one_score_per_position(plugin):
+    """The image the whole-map step refuses under a limit (test above) is planned with the head
+    streamed: what it keeps whole is one float32 score per position (single stage) or that plus
+    the maps between stages, far below the whole-map estimate."""
+    import psutil
+
+    method = plugin.StreamingCLAM()
+    limit = psutil.Process().memory_info().rss + 48 * 2**20
+    kept = {}
+    for mode in ("auto", "never"):
+        config = make_config(method, hidden_dim=16, attn_dim=8, stream_head=mode)
+        model = method.build(DataSpec(channels=1, instance_size=16), config,
+                             RunContext("cpu", 0, max_memory_bytes=limit))
+        if mode == "never":
+            with pytest.raises(ConfigError):
+                plugin.fit_image(model, (1, 8192, 8192), config)
+            from milbench.api import kept_map_bytes, stage_maps
+            maps = stage_maps(model.stream.trunk, (), [128], 8192, 8192)
+            kept[mode] = kept_map_bytes(maps, 4, model.head_bpp)
+            continue
+        assert plugin.fit_image(model, (1, 8192, 8192), config) is True
+        rec = method.artifacts(model, None, config, RunContext("cpu", 0))
+        assert rec["stream_head_streamed"] == 1
+        kept[mode] = rec["stream_kept_map_bytes"]
+        assert rec["stream_stages"] == 1 and not any(k.startswith("stream_stage2") for k in rec)
+        assert kept[mode] == plugin.STREAMED_HEAD_BYTES_PER_POSITION * 1024 * 1024  # 8192/8 positions a side
+    assert kept["auto"] * 10 < kept["never"]

@@ -833,7 +833,7 @@ class StagePlan:
 
 
 def kept_map_bytes(maps: Sequence[tuple[int, int, int]], element_size: int,
-                   head_bytes_per_position: float = 0.0) -> int:
+                   head_bytes_per_position: float = 0.0, head_streamed: bool = False) -> int:
     """Bytes a streamed training step holds whole, whatever the tile size: the
     maps between stages and the trunk's output (``maps``: (channels, rows,
     cols) of each stage's output, last = the trunk's), each with its gradient
@@ -841,8 +841,12 @@ def kept_map_bytes(maps: Sequence[tuple[int, int, int]], element_size: int,
     plus ``head_bytes_per_position`` times the output positions (what the head
     after the trunk keeps for its backward). All of them grow with the image's
     area, which is why :func:`auto_stages` subtracts them from the budget
-    before it sizes tiles."""
-    total = sum(2 * c * h * w * element_size for c, h, w in maps)
+    before it sizes tiles.
+
+    ``head_streamed``: the head runs tile by tile too (:meth:`StreamingTrunk.visit_tiles`),
+    so the trunk's output and its gradient are never whole; only the maps
+    between stages and ``head_bytes_per_position`` per position remain."""
+    total = sum(2 * c * h * w * element_size for c, h, w in (maps[:-1] if head_streamed else maps))
     _, ho, wo = maps[-1]
     return int(total + head_bytes_per_position * ho * wo)
 
@@ -874,7 +878,7 @@ def kept_maps_error(h: int, w: int, kept: float, budget_note: str) -> ConfigErro
 
 def auto_stages(trunk: nn.Module, budget_bytes: float, max_stages: int = 2,
                 image_shape: tuple[int, int] | None = None, head_bytes_per_position: float = 0.0,
-                tile_share: float = 1.0, budget_note: str = "") -> StagePlan:
+                tile_share: float = 1.0, budget_note: str = "", head_streamed: bool = False) -> StagePlan:
     """Cut a Sequential trunk into at most ``max_stages`` stages and size each
     stage's tile to the budget (see :class:`StreamingTrunk` for why).
 
@@ -890,7 +894,8 @@ def auto_stages(trunk: nn.Module, budget_bytes: float, max_stages: int = 2,
     ``kept`` is what a training step of an ``image_shape`` image holds whole
     with that cut (:func:`kept_map_bytes`: the maps between stages, the
     trunk's output, their gradients, and ``head_bytes_per_position`` per output
-    position); without ``image_shape``, nothing. The kept maps and the tiles
+    position; ``head_streamed``: without the trunk's output and its gradient);
+    without ``image_shape``, nothing. The kept maps and the tiles
     share the ``tile_share`` of the budget, and the rest stays headroom for
     what is not modelled (prediction maps, allocator slack): measured on a
     6496² slide at --max-memory 2 GiB with ``head_pool=4``, kept maps that
@@ -917,7 +922,8 @@ def auto_stages(trunk: nn.Module, budget_bytes: float, max_stages: int = 2,
         if image_shape is None:
             return 0
         chans = [out_ch[k - 1] for k in cuts] + [out_ch[-1]]
-        return kept_map_bytes(stage_maps(trunk, cuts, chans, *image_shape), elem, head_bytes_per_position)
+        return kept_map_bytes(stage_maps(trunk, cuts, chans, *image_shape), elem, head_bytes_per_position,
+                              head_streamed)
 
     def plan_of(cuts: tuple[int, ...], tiles: list[int], costs: list[float], kept: int) -> StagePlan:
         chans = tuple([out_ch[k - 1] for k in cuts] + [out_ch[-1]])
@@ -1267,6 +1273,61 @@ class StreamingTrunk(nn.Module):
         if grad is None:
             return None
         return grad[0] if image.dim() == 3 else grad
+
+
+    def visit_tiles(self, image: torch.Tensor, visit: Callable[[Tile, torch.Tensor], torch.Tensor | None],
+                    backward: bool = False, train_trunk: bool = True) -> None:
+        """Hand each tile of the trunk's output to ``visit(tile, y)`` instead of
+        assembling the feature map: ``y`` is (1, C', th, tw), the positions
+        ``tile.out_rows, tile.out_cols`` of the map, computed as
+        :meth:`forward_streamed` computes them.
+
+        Why: a head that reduces the positions (attention pooling) can then
+        run tile by tile too, and nothing that grows with the image's area is
+        held but what the head keeps per position (see
+        :mod:`milbench.models.streamed_attention`). With ``backward`` the tile
+        is computed with autograd and ``visit`` returns a scalar whose gradient
+        is back-propagated through the tile at once (into the trunk's
+        parameters when ``train_trunk``, and for a trunk cut into stages on
+        through the earlier stages, whose maps are kept whole as
+        :meth:`backward_streamed` keeps them). One image at a time.
+        """
+        self.check_modes()
+        x = self._batched(image).detach()
+        if x.shape[0] != 1:
+            raise ValueError(f"visit_tiles takes one image, got a batch of {x.shape[0]}")
+        maps = [x]
+        for st in self._stages[:-1]:
+            maps.append(self._stage_forward(st, maps[-1], False, False)[0])
+        last = self._stages[-1]
+        trunk_grad = backward and train_trunk and any(p.requires_grad for p in self.trunk.parameters())
+        grad_in = torch.zeros_like(maps[-1]) if trunk_grad and len(self._stages) > 1 else None
+        for _, t, xt in self._iter(last, maps[-1]):
+            with torch.set_grad_enabled(trunk_grad):
+                if grad_in is not None:
+                    xt = xt.detach().requires_grad_(True)
+                y = self._local(t, last.module(xt))
+            with torch.set_grad_enabled(backward):
+                out = visit(t, y)
+                if backward and out is not None and out.requires_grad:
+                    out.backward()
+            if grad_in is not None and xt.grad is not None:
+                grad_in[..., t.rows, t.cols] += xt.grad.to(grad_in.device)
+            del y, out
+        if grad_in is not None:
+            g: torch.Tensor | None = grad_in
+            for i in range(len(self._stages) - 2, -1, -1):
+                assert g is not None
+                g = self._stage_backward(self._stages[i], maps[i], g, i > 0, None)
+                maps[i] = None  # type: ignore[call-overload]
+
+    def tile_count(self, h: int, w: int) -> int:
+        """Tiles of the most finely tiled stage for an (h, w) image: 1 when every stage runs in one pass."""
+        n, size = 1, (h, w)
+        for st in self._stages:
+            n = max(n, len(st.tiles(*size)))
+            size = st.geometry.output_size(*size)
+        return n
 
 
 def streamed_forward_backward(stream: StreamingTrunk, image: torch.Tensor,

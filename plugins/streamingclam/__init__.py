@@ -10,6 +10,17 @@ tile is recomputed with autograd to back-propagate its slice. Memory is
 bounded by ``tile_size``, not by the image; the gradient equals the
 non-streamed network's.
 
+The head streams too (``stream_head=auto``, on an image of more than one
+tile): the whole-map step above still holds the trunk's output map F, dL/dF
+and the head's activations over every position, about 41 bytes per image
+pixel with the small trunk, which grows with the slide until nothing fits.
+:func:`milbench.api.attention_pool_step` instead runs the CLAM head (fc,
+gated attention, softmax-weighted sum) tile by tile in two passes with an
+online softmax and keeps one attention score per position; the gradients are
+the same (tested to 1e-9 in float64). It needs a head whose positions meet
+only in that sum: ``head_pool`` <= 1, ``inst_loss=none``, no dropout
+(:func:`head_not_streamable`); otherwise ``auto`` falls back to the whole map.
+
 ``tile_size=auto`` (the default) sizes the tiles to a memory budget: half of
 what ``--max-memory`` leaves free after setup, or 2 GiB without it. The
 trunk's activation cost per pixel is measured at build time, a ResNet trunk
@@ -61,10 +72,15 @@ if TYPE_CHECKING:  # pragma: no cover
 _TRUNKS = ("small", "lenet", "resnet18", "resnet34", "resnet50")
 _INST_LOSSES = ("none", "svm", "ce")
 _TILE_SHAPES = ("square", "area")  # the streaming engine's TILE_SHAPES, without importing torch
+_STREAM_HEAD = ("auto", "always", "never")
 
 #: Share of what ``--max-memory`` leaves free when the model is built that ``tile_size=auto`` gives
 #: one tile's activations; the rest holds the image, the feature map, dL/dF and allocator slack.
 TILE_BUDGET_SHARE = 0.5
+
+#: What a streamed head (``stream_head``) keeps per position of the trunk's output: one float32
+#: attention logit (the pooled vector and the online-softmax sums do not grow with the image).
+STREAMED_HEAD_BYTES_PER_POSITION = 4.0
 
 
 class StreamingCLAM(Method):
@@ -89,6 +105,11 @@ class StreamingCLAM(Method):
         "inst_loss": Param("none", str, "CLAM instance-clustering loss", choices=_INST_LOSSES),
         "inst_k": Param(8, int, "positions pseudo-labelled per side by the instance loss", low=1),
         "inst_weight": Param(0.3, float, "weight of the instance loss (CLAM: 1 - bag_weight)", low=0, high=1),
+        "stream_head": Param("auto", str, "run the CLAM head tile by tile with the trunk (two passes, online "
+                             "softmax): only one attention score per feature-map position is kept, not the map, its "
+                             "gradient and the head's activations. auto: when the image needs more than one tile and "
+                             "the head allows it (head_pool <= 1, inst_loss none, dropout 0); always; never",
+                             choices=_STREAM_HEAD),
         "score_level": Param("instance", str, "Dice from instance scores (attention max per patch) or also from "
                              "the pixel attention map", choices=("instance", "pixel")),
     }
@@ -106,12 +127,16 @@ class StreamingCLAM(Method):
     smoke = {"trunk": "small", "trunk_depth": None, "tile_size": 64, "hidden_dim": 16, "attn_dim": 8}
 
     def check(self, config: Mapping[str, Any]) -> None:
-        """Refuse a tile smaller than the trunk's minimum before any work starts
-        (the geometry does not depend on the input channels: 3 stands in)."""
+        """Refuse a head that cannot be streamed under ``stream_head=always``, and a
+        tile smaller than the trunk's minimum, before any work starts (the
+        geometry does not depend on the input channels: 3 stands in)."""
         from milbench.api import geometry
 
         from .trunk import build_trunk
 
+        why = head_not_streamable(config, training=True)
+        if config["stream_head"] == "always" and why:
+            raise ConfigError(f"stream_head=always cannot stream this head: {why}; set stream_head=auto or never")
         if config["tile_size"] == "auto":  # sized in build(), where the budget is known
             return
         trunk = build_trunk(config["trunk"], 3, config["trunk_depth"], pretrained=False)
@@ -153,6 +178,8 @@ class StreamingCLAM(Method):
         model.trunk_frozen = epoch <= config["freeze_trunk_epochs"]
 
     def backward(self, model: StreamingCLAMModel, bag: Bag, config: Mapping[str, Any]) -> float:
+        import torch
+
         from milbench.api import streamed_forward_backward
 
         from .clam import clam_loss
@@ -160,7 +187,18 @@ class StreamingCLAM(Method):
         def head_loss(features: torch.Tensor) -> torch.Tensor:
             return clam_loss(model.head(features, bag.label), bag.label, config["inst_weight"])
 
-        fit_image(model, bag.lazy_image.shape, config)
+        streamed = fit_image(model, bag.lazy_image.shape, config, training=True)
+        if streamed:  # the head runs tile by tile: no whole feature map, no whole dL/dF
+            import torch.nn.functional as F
+
+            from milbench.api import attention_pool_step
+
+            head = model.head
+            target = torch.tensor([int(bag.label)], device=next(head.parameters()).device)
+            loss, _ = attention_pool_step(model.stream, bag.lazy_image, head.fc, head.attention,
+                                          lambda z: F.cross_entropy(head.classifier(z)[None], target),
+                                          train_trunk=not model.trunk_frozen)
+            return float(loss)
         loss = streamed_forward_backward(model.stream, bag.lazy_image, head_loss, train_trunk=not model.trunk_frozen)
         return float(loss)
 
@@ -169,8 +207,16 @@ class StreamingCLAM(Method):
 
         from .clam import clam_loss
 
-        fit_image(model, bag.lazy_image.shape, config)
-        out = model.head(model.stream.forward_streamed(bag.lazy_image))
+        if fit_image(model, bag.lazy_image.shape, config, training=False):
+            from milbench.api import attention_pool
+
+            from .clam import CLAMOutput
+
+            pooled = attention_pool(model.stream, bag.lazy_image, model.head.fc, model.head.attention)
+            amap = pooled.attention()
+            out = CLAMOutput(model.head.classifier(pooled.z), amap.flatten(), amap, None)
+        else:
+            out = model.head(model.stream.forward_streamed(bag.lazy_image))
         probs = torch.softmax(out.logits.double(), dim=0)
         bag_prob = float(probs[1])
         if config["score_level"] == "pixel":
@@ -187,11 +233,34 @@ class StreamingCLAM(Method):
         )
 
 
-def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any]) -> None:
-    """Make the streamed step of an image of this shape fit the memory, before any of it runs.
+def head_not_streamable(config: Mapping[str, Any], training: bool) -> str:
+    """Why the CLAM head cannot run tile by tile (empty when it can).
+
+    Streaming the head (:func:`milbench.api.attention_pool_step`) needs a head
+    whose positions meet only in the softmax-weighted sum: ``head_pool`` max-pools
+    across tile borders, the instance loss picks the top-k positions of the whole
+    map, and training-mode dropout would draw different masks in the two passes.
+    """
+    if config.get("head_pool", 0) > 1:
+        return f"head_pool={config['head_pool']} pools across tile borders (use head_pool 0 or 1)"
+    if training and config.get("inst_loss", "none") != "none":
+        return f"inst_loss={config['inst_loss']} ranks the positions of the whole map (use inst_loss=none)"
+    if training and config.get("dropout", 0.0) > 0:
+        return f"dropout={config['dropout']} would draw different masks in the two passes (use dropout=0)"
+    return ""
+
+
+def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any], training: bool = True) -> bool:
+    """Make the streamed step of an image of this shape fit the memory, before any of it runs,
+    and say whether the head runs tile by tile for it (``stream_head``).
+
+    ``stream_head=auto`` streams the head when the head allows it
+    (:func:`head_not_streamable`) and the image needs more than one tile: an
+    image that fits one tile gains nothing from a second pass.
 
     Why here: the feature maps a streamed step holds whole (the maps between
-    stages, the trunk's output, their gradients and the head's activations)
+    stages, the trunk's output unless the head streams, their gradients and
+    the head's activations, or one score per position when it streams)
     grow with the image's area, and the image's shape is first known when the
     method sees a bag (slides differ). With ``--max-memory`` they are
     subtracted from what it left free after setup: ``tile_size=auto`` re-cuts
@@ -205,24 +274,29 @@ def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any]) 
     from .clam import head_bytes_per_position
 
     h, w = int(shape[-2]), int(shape[-1])
+    mode = config.get("stream_head", "never")
+    streamed = mode != "never" and not head_not_streamable(config, training) and (
+        mode == "always" or model.stream.tile_count(h, w) > 1)
     plans = getattr(model, "image_plans", None)
     if plans is None:  # a model built by hand: nothing to fit against
-        return
-    if (h, w) in plans:
-        plan = plans[(h, w)]
+        return streamed
+    if (h, w, streamed) in plans:
+        plan = plans[(h, w, streamed)]
     else:
         stream = model.stream
         free, limit = getattr(model, "memory_free", None), getattr(model, "max_memory", None)
         if free is not None and getattr(model, "head_bpp", None) is None:  # only a limit needs the estimate
             model.head_bpp = head_bytes_per_position(model.head, model.head.fc[0].in_features,
                                                      config.get("inst_weight", 0.3))
+        # a streamed head keeps one float32 score per position (and the trunk's map never whole)
+        head_bpp = STREAMED_HEAD_BYTES_PER_POSITION if streamed else getattr(model, "head_bpp", 0.0)
         auto = config.get("tile_size") == "auto"
         note = (f"the {TILE_BUDGET_SHARE * free / 2**20:.0f} MiB it may use ({TILE_BUDGET_SHARE:g} of the "
                 f"{free / 2**20:.0f} MiB that --max-memory {limit / 2**20:.0f} MiB leaves free after setup; the rest "
                 "is headroom)" if free is not None and limit else "")
         if auto and free is not None:
-            plan = auto_stages(stream.trunk, free, image_shape=(h, w), head_bytes_per_position=model.head_bpp,
-                               tile_share=TILE_BUDGET_SHARE, budget_note=note)
+            plan = auto_stages(stream.trunk, free, image_shape=(h, w), head_bytes_per_position=head_bpp,
+                               tile_share=TILE_BUDGET_SHARE, budget_note=note, head_streamed=streamed)
         else:  # fixed tiles (or no limit): the given tiles, only checked against the limit
             plan = None
             if free is not None:
@@ -231,19 +305,25 @@ def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any]) 
                 trunk = stream.trunk
                 elem = next(trunk.parameters()).element_size()
                 maps = stage_maps(trunk, stream.split, _stage_channels(stream), h, w)
-                kept = kept_map_bytes(maps, elem, model.head_bpp)
+                kept = kept_map_bytes(maps, elem, head_bpp, head_streamed=streamed)
                 model.tile_sizing["stream_kept_map_bytes"] = max(kept, model.tile_sizing.get("stream_kept_map_bytes", 0))
                 if kept >= TILE_BUDGET_SHARE * free:
                     raise kept_maps_error(h, w, kept, note)
-        plans[(h, w)] = plan
+        plans[(h, w, streamed)] = plan
+        if streamed:
+            model.tile_sizing["stream_head_streamed"] = 1
         if plan is not None:
             sizing = model.tile_sizing
             if plan.kept_map_bytes >= sizing.get("stream_kept_map_bytes", -1):
-                sizing.update(_plan_record(plan, sizing.get("stream_tile_budget_from_max_memory", 0)))
+                from_limit = sizing.get("stream_tile_budget_from_max_memory", 0)
+                for key in [k for k in sizing if k.startswith("stream_stage")]:  # the previous plan's stages
+                    del sizing[key]
+                sizing.update(_plan_record(plan, from_limit))
                 sizing["stream_image_pixels"] = h * w
     if plan is not None and (tuple(plan.split) != tuple(model.stream.split)
                              or tuple(plan.tile_sizes) != tuple(model.stream.tile_sizes)):
         model.stream.replan(list(plan.tile_sizes), plan.split, plan.bytes_per_pixel, plan.budget_bytes)
+    return streamed
 
 
 def _stage_channels(stream: Any) -> list[int]:

@@ -16,8 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 here = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent)
 rows = []
-for f in sorted(here.glob("*.json")):
+# whole-map-head/: streamingclam before its head was streamed (the trunk's map, dL/dF and the head's
+# activations held whole), kept as its own series for comparison
+for f in sorted([*here.glob("*.json"), *here.glob("whole-map-head/*.json")]):
     r = json.loads(f.read_text())
+    if f.parent.name == "whole-map-head":
+        r["method"] += " (whole-map head)"
     data = r.get("data") or {}
     per = data.get("per_slide") or []
     side = per[0]["dimensions"][0] if per else int(Path(r["config"]["manifest"]).parent.name)
@@ -33,7 +37,7 @@ fig, ax = plt.subplots(figsize=(6, 4))
 for m in sorted({r["method"] for r in rows}):
     pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["side"])
     ok = [r for r in pts if r["status"] == "ok"]
-    line, = ax.plot([r["side"] for r in ok], [r["peak_mib"] for r in ok], "o-", label=m)
+    line, = ax.plot([r["side"] for r in ok], [r["peak_mib"] for r in ok], "o:" if "whole-map" in m else "o-", label=m)
     bad = [r for r in pts if r["status"] == "oom"]
     if bad:
         ax.plot([r["side"] for r in bad], [r["limit_mib"] for r in bad], "x", ms=12, mew=3, color=line.get_color(),
