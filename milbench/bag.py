@@ -239,6 +239,14 @@ class ImageSource:
     def read(self, r0: int, r1: int, c0: int, c1: int) -> "torch.Tensor":  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the source holds in memory while its bag is in use, beyond what was
+        loaded with the dataset (a slide's uint8 box is read on first crop: 3 B a
+        pixel). A memory planner that sized itself before the first read
+        (streamingclam's ``tile_size=auto``) subtracts them. 0: nothing extra."""
+        return 0
+
 
 class LazyImage:
     """A read-on-slice stand-in for a (C, H, W) (or batched (1, C, H, W)) image tensor.
@@ -262,6 +270,11 @@ class LazyImage:
 
     def dim(self) -> int:
         return 4 if self.batched else 3
+
+    @property
+    def resident_bytes(self) -> int:
+        """The source's :attr:`ImageSource.resident_bytes`."""
+        return int(getattr(self.source, "resident_bytes", 0))
 
     def unsqueeze(self, dim: int) -> "LazyImage":
         if dim != 0 or self.batched:
@@ -357,6 +370,10 @@ class AugmentedImage(ImageSource):
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.base.shape
+
+    @property
+    def resident_bytes(self) -> int:
+        return int(getattr(self.base, "resident_bytes", 0))
 
     def read(self, r0: int, r1: int, c0: int, c1: int) -> "torch.Tensor":
         import numpy as np

@@ -436,3 +436,29 @@ def test_streamed_head_keeps_one_score_per_position(plugin):
         assert rec["stream_stages"] == 1 and not any(k.startswith("stream_stage2") for k in rec)
         assert kept[mode] == plugin.STREAMED_HEAD_BYTES_PER_POSITION * 1024 * 1024  # 8192/8 positions a side
     assert kept["auto"] * 10 < kept["never"]
+
+
+def test_resident_image_bytes_come_off_the_tile_budget(plugin):
+    """A slide's uint8 box is read after setup, so the memory measured then does not hold it;
+    fit_image counts it like a kept map: the tiles get that much less."""
+    import psutil
+
+    from milbench.api import LazyImage
+    from milbench_plugins.slides.bags import SlideImage
+
+    method = plugin.StreamingCLAM()
+    config = make_config(method, hidden_dim=16, attn_dim=8)
+    limit = psutil.Process().memory_info().rss + 2**30
+    model = method.build(DataSpec(channels=3, instance_size=32), config, RunContext("cpu", 0, max_memory_bytes=limit))
+    shape = (3, 1536, 1536)
+    plugin.fit_image(model, shape, config, resident_bytes=0)
+    before = dict(model.tile_sizing)
+    resident = 3 * 1536 * 1536
+    plugin.fit_image(model, shape, config, resident_bytes=resident)
+    after = dict(model.tile_sizing)
+    assert after["stream_image_resident_bytes"] == resident
+    assert after["stream_kept_map_bytes"] == before["stream_kept_map_bytes"], "same cut, so the sums compare"
+    assert after["stream_tile_budget_bytes"] == pytest.approx(before["stream_tile_budget_bytes"] - resident, abs=2)
+    # the slides' image source says what it will hold; a lazy image passes it on
+    box = SlideImage(Path("unused.svs"), "s", type("R", (), {"tile_size": 32})(), (0, 10, 0, 20))
+    assert box.resident_bytes == 3 * 320 * 640 and LazyImage(box).resident_bytes == box.resident_bytes

@@ -26,9 +26,10 @@ Gimelshein, 2018). So a training step makes two passes over the trunk's tiles:
    receive the gradients the whole-map computation gives, to float rounding
    (tests/test_streamed_attention.py).
 
-The price is a second forward of every tile (the whole-map step also
-recomputes every tile but the last for its backward, so little), and the
-head's per-position work twice. A head that needs all positions at once in a
+The price is a second forward of every tile of the last stage (the
+whole-map step also recomputes every tile but the last for its backward, so
+little), and the head's per-position work twice; the maps between a split
+trunk's stages are computed once and reused. A head that needs all positions at once in a
 way that is not a softmax-weighted sum (max pooling across tiles, top-k
 instance losses, dropout that must draw the same mask twice) cannot use it;
 the method decides (streamingclam's ``stream_head``).
@@ -74,6 +75,12 @@ def _positions(y: torch.Tensor) -> torch.Tensor:
 def attention_pool(stream: StreamingTrunk, image: torch.Tensor, embed: Embed, score: Score) -> PooledMap:
     """Pass 1 alone, without autograd: ``z`` and the attention logits of ``image``,
     equal (to float rounding) to the whole feature map's ``softmax(score(embed(F)))``-weighted sum."""
+    return _pass1(stream, image, embed, score)[0]
+
+
+def _pass1(stream: StreamingTrunk, image: torch.Tensor, embed: Embed,
+           score: Score) -> tuple[PooledMap, list[torch.Tensor]]:
+    """Pass 1, and the maps between the trunk's stages it computed (for pass 2 to reuse)."""
     h_out, w_out = stream.geometry.output_size(image.shape[-2], image.shape[-1])
     scores = torch.empty(h_out, w_out, dtype=torch.float32)
     acc: dict[str, object] = {"m": -math.inf, "s": None, "z": None}
@@ -93,11 +100,11 @@ def attention_pool(stream: StreamingTrunk, image: torch.Tensor, embed: Embed, sc
         acc["m"], acc["dtype"] = m_new, h.dtype
 
     with torch.no_grad():
-        stream.visit_tiles(image, visit)
+        maps = stream.visit_tiles(image, visit)
     total, pooled = acc["s"], acc["z"]
     assert isinstance(total, torch.Tensor) and isinstance(pooled, torch.Tensor)
     z = (pooled / total).to(acc["dtype"])  # type: ignore[arg-type]  # accumulated in float64, returned as h's dtype
-    return PooledMap(z, scores, float(acc["m"]) + math.log(float(total)))  # type: ignore[arg-type]
+    return PooledMap(z, scores, float(acc["m"]) + math.log(float(total))), maps  # type: ignore[arg-type]
 
 
 def attention_pool_step(stream: StreamingTrunk, image: torch.Tensor, embed: Embed, score: Score,
@@ -112,7 +119,7 @@ def attention_pool_step(stream: StreamingTrunk, image: torch.Tensor, embed: Embe
     not either) skips pass 2. Returns the detached loss and pass 1's
     :class:`PooledMap`.
     """
-    pooled = attention_pool(stream, image, embed, score)
+    pooled, maps = _pass1(stream, image, embed, score)
     z = pooled.z.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_fn(z)
@@ -134,5 +141,8 @@ def attention_pool_step(stream: StreamingTrunk, image: torch.Tensor, embed: Embe
         coeff = a * (hg.detach() - gz)
         return (a * hg).sum() + (coeff * s).sum()
 
-    stream.visit_tiles(image, visit, backward=True, train_trunk=train_trunk)
+    # pass 2 reads pass 1's maps between stages instead of computing them again, and frees them as its
+    # backward goes (a frozen trunk's are dropped when it returns)
+    stream.visit_tiles(image, visit, backward=True, train_trunk=train_trunk, maps=maps)
+    del maps
     return loss.detach(), pooled

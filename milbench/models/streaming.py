@@ -1276,7 +1276,8 @@ class StreamingTrunk(nn.Module):
 
 
     def visit_tiles(self, image: torch.Tensor, visit: Callable[[Tile, torch.Tensor], torch.Tensor | None],
-                    backward: bool = False, train_trunk: bool = True) -> None:
+                    backward: bool = False, train_trunk: bool = True,
+                    maps: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Hand each tile of the trunk's output to ``visit(tile, y)`` instead of
         assembling the feature map: ``y`` is (1, C', th, tw), the positions
         ``tile.out_rows, tile.out_cols`` of the map, computed as
@@ -1291,14 +1292,23 @@ class StreamingTrunk(nn.Module):
         parameters when ``train_trunk``, and for a trunk cut into stages on
         through the earlier stages, whose maps are kept whole as
         :meth:`backward_streamed` keeps them). One image at a time.
+
+        Returns the maps the stages before the last read (the image first):
+        a second pass over the same image passes them back as ``maps``
+        instead of computing them again. Without ``backward`` they are
+        returned as computed; a backward pass frees them as it goes (in the
+        list passed in, too).
         """
         self.check_modes()
         x = self._batched(image).detach()
         if x.shape[0] != 1:
             raise ValueError(f"visit_tiles takes one image, got a batch of {x.shape[0]}")
-        maps = [x]
-        for st in self._stages[:-1]:
-            maps.append(self._stage_forward(st, maps[-1], False, False)[0])
+        if maps is None or len(maps) != len(self._stages):
+            maps = [x]
+            for st in self._stages[:-1]:
+                maps.append(self._stage_forward(st, maps[-1], False, False)[0])
+        else:  # in place, so that the entries this pass frees are freed for the caller too
+            maps[0] = x
         last = self._stages[-1]
         trunk_grad = backward and train_trunk and any(p.requires_grad for p in self.trunk.parameters())
         grad_in = torch.zeros_like(maps[-1]) if trunk_grad and len(self._stages) > 1 else None
@@ -1316,10 +1326,12 @@ class StreamingTrunk(nn.Module):
             del y, out
         if grad_in is not None:
             g: torch.Tensor | None = grad_in
+            maps[-1] = None  # type: ignore[call-overload]  # the last stage is done with its input
             for i in range(len(self._stages) - 2, -1, -1):
                 assert g is not None
                 g = self._stage_backward(self._stages[i], maps[i], g, i > 0, None)
                 maps[i] = None  # type: ignore[call-overload]
+        return maps
 
     def tile_count(self, h: int, w: int) -> int:
         """Tiles of the most finely tiled stage for an (h, w) image: 1 when every stage runs in one pass."""

@@ -102,6 +102,12 @@ class SlideImage(ImageSource):
         p = self.res.tile_size
         return (3, (r1 - r0) * p, (c1 - c0) * p)
 
+    @property
+    def resident_bytes(self) -> int:
+        """The uint8 box this source keeps once a crop is read (3 bytes a pixel)."""
+        _, h, w = self.shape
+        return 3 * h * w
+
     def pixels(self) -> np.ndarray:
         """The whole box as uint8 (H, W, 3), read block by block on first use."""
         if self._pixels is None:

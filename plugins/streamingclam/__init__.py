@@ -187,7 +187,8 @@ class StreamingCLAM(Method):
         def head_loss(features: torch.Tensor) -> torch.Tensor:
             return clam_loss(model.head(features, bag.label), bag.label, config["inst_weight"])
 
-        streamed = fit_image(model, bag.lazy_image.shape, config, training=True)
+        streamed = fit_image(model, bag.lazy_image.shape, config, training=True,
+                             resident_bytes=getattr(bag.lazy_image, "resident_bytes", 0))
         if streamed:  # the head runs tile by tile: no whole feature map, no whole dL/dF
             import torch.nn.functional as F
 
@@ -207,7 +208,8 @@ class StreamingCLAM(Method):
 
         from .clam import clam_loss
 
-        if fit_image(model, bag.lazy_image.shape, config, training=False):
+        if fit_image(model, bag.lazy_image.shape, config, training=False,
+                     resident_bytes=getattr(bag.lazy_image, "resident_bytes", 0)):
             from milbench.api import attention_pool
 
             from .clam import CLAMOutput
@@ -250,7 +252,8 @@ def head_not_streamable(config: Mapping[str, Any], training: bool) -> str:
     return ""
 
 
-def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any], training: bool = True) -> bool:
+def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any], training: bool = True,
+              resident_bytes: int = 0) -> bool:
     """Make the streamed step of an image of this shape fit the memory, before any of it runs,
     and say whether the head runs tile by tile for it (``stream_head``).
 
@@ -268,6 +271,11 @@ def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any], 
     largest image's choice goes into the record), and when the kept maps
     alone do not fit -- auto or not -- the run stops with a one-line
     ConfigError instead of being killed for memory halfway through.
+    ``resident_bytes``: what the image itself will hold once read, which the
+    memory measured after setup does not include yet (a slide's uint8 box,
+    :attr:`milbench.api.ImageSource.resident_bytes`); it counts like a kept map.
+    Measured on a 6048 x 5216 slide box at --max-memory 2GB: without it
+    (95 MB there) the run crossed the limit.
     """
     from milbench.api import auto_stages
 
@@ -280,8 +288,9 @@ def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any], 
     plans = getattr(model, "image_plans", None)
     if plans is None:  # a model built by hand: nothing to fit against
         return streamed
-    if (h, w, streamed) in plans:
-        plan = plans[(h, w, streamed)]
+    key = (h, w, streamed, resident_bytes)
+    if key in plans:
+        plan = plans[key]
     else:
         stream = model.stream
         free, limit = getattr(model, "memory_free", None), getattr(model, "max_memory", None)
@@ -295,8 +304,10 @@ def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any], 
                 f"{free / 2**20:.0f} MiB that --max-memory {limit / 2**20:.0f} MiB leaves free after setup; the rest "
                 "is headroom)" if free is not None and limit else "")
         if auto and free is not None:
-            plan = auto_stages(stream.trunk, free, image_shape=(h, w), head_bytes_per_position=head_bpp,
-                               tile_share=TILE_BUDGET_SHARE, budget_note=note, head_streamed=streamed)
+            # the image's resident bytes come off the tiles' share whole: budget = share * free - resident - kept
+            plan = auto_stages(stream.trunk, free - resident_bytes / TILE_BUDGET_SHARE, image_shape=(h, w),
+                               head_bytes_per_position=head_bpp, tile_share=TILE_BUDGET_SHARE, budget_note=note,
+                               head_streamed=streamed)
         else:  # fixed tiles (or no limit): the given tiles, only checked against the limit
             plan = None
             if free is not None:
@@ -305,13 +316,16 @@ def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any], 
                 trunk = stream.trunk
                 elem = next(trunk.parameters()).element_size()
                 maps = stage_maps(trunk, stream.split, _stage_channels(stream), h, w)
-                kept = kept_map_bytes(maps, elem, head_bpp, head_streamed=streamed)
+                kept = kept_map_bytes(maps, elem, head_bpp, head_streamed=streamed) + resident_bytes
                 model.tile_sizing["stream_kept_map_bytes"] = max(kept, model.tile_sizing.get("stream_kept_map_bytes", 0))
                 if kept >= TILE_BUDGET_SHARE * free:
                     raise kept_maps_error(h, w, kept, note)
-        plans[(h, w, streamed)] = plan
+        plans[key] = plan
         if streamed:
             model.tile_sizing["stream_head_streamed"] = 1
+        if resident_bytes:
+            model.tile_sizing["stream_image_resident_bytes"] = max(
+                resident_bytes, model.tile_sizing.get("stream_image_resident_bytes", 0))
         if plan is not None:
             sizing = model.tile_sizing
             if plan.kept_map_bytes >= sizing.get("stream_kept_map_bytes", -1):
