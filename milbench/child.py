@@ -150,6 +150,11 @@ def _start_device(child: ChildRun) -> Any:
     if device.type == "cuda" and child.gpu_index is None:  # auto chose a GPU: measure that one
         child.gpu_index = device.index or 0
         child.sampler.attach_gpu(child.gpu_index)
+    if device.type == "cpu" and child.spec.max_memory_bytes:
+        from milbench.measure import release_freed_memory_promptly
+
+        # the limit is enforced on resident memory: freed tensors must leave it (see the function)
+        child.result["memory"]["cpu_malloc_release_bytes"] = release_freed_memory_promptly()
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)

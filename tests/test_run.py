@@ -103,6 +103,18 @@ def test_cpu_memory_limit_gives_oom_record(tmp_path):
     assert rec["memory"]["cpu_peak_rss_bytes"] > 300 * 2**20
 
 
+def test_cpu_memory_limit_makes_malloc_release_freed_blocks(tmp_path):
+    """Under --max-memory on a CPU the child makes glibc return freed tensors to the OS at once
+    (the limit is enforced on resident memory) and says so in the record."""
+    import platform
+
+    res = run_cli("run", *SMOKE, "--max-memory", "16GB", "--results", str(tmp_path), env=ENV)
+    assert res.returncode == 0, res.stderr
+    (rec,) = records_in(tmp_path)
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert rec["memory"]["cpu_malloc_release_bytes"] == (4 * 2**20 if glibc else None)
+
+
 def test_timeout_gives_timeout_record(tmp_path):
     res = run_cli("run", "-m", "abmil", "-d", "qmnist", "--set", "epochs=50", "--timeout", "6",
                   "--results", str(tmp_path), env=ENV)
