@@ -1274,7 +1274,6 @@ class StreamingTrunk(nn.Module):
             return None
         return grad[0] if image.dim() == 3 else grad
 
-
     def visit_tiles(self, image: torch.Tensor, visit: Callable[[Tile, torch.Tensor], torch.Tensor | None],
                     backward: bool = False, train_trunk: bool = True,
                     maps: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
