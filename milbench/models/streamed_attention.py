@@ -108,16 +108,14 @@ def _pass1(stream: StreamingTrunk, image: torch.Tensor, embed: Embed,
 
 
 def attention_pool_step(stream: StreamingTrunk, image: torch.Tensor, embed: Embed, score: Score,
-                        loss_fn: Callable[[torch.Tensor], torch.Tensor], train_trunk: bool = True,
-                        train_pooling: bool = True) -> tuple[torch.Tensor, PooledMap]:
+                        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                        train_trunk: bool = True) -> tuple[torch.Tensor, PooledMap]:
     """One streamed training step of trunk + attention pooling + ``loss_fn(z)``.
 
     Adds to ``.grad`` exactly what ``loss_fn(z).backward()`` through the whole
     feature map would add (to float rounding): to ``loss_fn``'s parameters,
     to ``embed``'s and ``score``'s, and (``train_trunk``) to the trunk's.
-    ``train_pooling=False`` (nothing in embed/score trains, and the trunk does
-    not either) skips pass 2. Returns the detached loss and pass 1's
-    :class:`PooledMap`.
+    Returns the detached loss and pass 1's :class:`PooledMap`.
     """
     pooled, maps = _pass1(stream, image, embed, score)
     z = pooled.z.detach().requires_grad_(True)
@@ -127,7 +125,7 @@ def attention_pool_step(stream: StreamingTrunk, image: torch.Tensor, embed: Embe
             raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
         loss.backward()
     g = z.grad
-    if g is None or not (train_pooling or train_trunk):
+    if g is None:  # the loss does not depend on z: nothing flows back to the positions
         return loss.detach(), pooled
     g = g.detach()
     gz = float(g.double() @ pooled.z.detach().double())
