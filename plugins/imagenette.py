@@ -336,7 +336,7 @@ def split_train_folder(labels: "Any", indices: "Any", val_fraction: float, seed:
 
 
 #: ``n_train_bags=auto``'s floor: the shipped sample's 472 training images make 47 bags of 10, too
-#: few AdamW steps to learn in 15 epochs; 200 bags fit the main job's CPU budget (86-140 CPU s).
+#: few AdamW steps to learn in 15 epochs; 200 bags fit the main job's CPU budget (155-159 CPU s, results/main-job).
 MIN_AUTO_TRAIN_BAGS = 200
 
 

@@ -178,8 +178,6 @@ class StreamingCLAM(Method):
         model.trunk_frozen = epoch <= config["freeze_trunk_epochs"]
 
     def backward(self, model: StreamingCLAMModel, bag: Bag, config: Mapping[str, Any]) -> float:
-        import torch
-
         from milbench.api import streamed_forward_backward
 
         from .clam import clam_loss
@@ -190,14 +188,13 @@ class StreamingCLAM(Method):
         streamed = fit_image(model, bag.lazy_image.shape, config, training=True,
                              resident_bytes=getattr(bag.lazy_image, "resident_bytes", 0))
         if streamed:  # the head runs tile by tile: no whole feature map, no whole dL/dF
-            import torch.nn.functional as F
-
             from milbench.api import attention_pool_step
 
+            from .clam import bag_ce
+
             head = model.head
-            target = torch.tensor([int(bag.label)], device=next(head.parameters()).device)
             loss, _ = attention_pool_step(model.stream, bag.lazy_image, head.fc, head.attention,
-                                          lambda z: F.cross_entropy(head.classifier(z)[None], target),
+                                          lambda z: bag_ce(head.classifier(z), bag.label),
                                           train_trunk=not model.trunk_frozen)
             return float(loss)
         loss = streamed_forward_backward(model.stream, bag.lazy_image, head_loss, train_trunk=not model.trunk_frozen)
@@ -274,8 +271,8 @@ def fit_image(model: StreamingCLAMModel, shape: Any, config: Mapping[str, Any], 
     ``resident_bytes``: what the image itself will hold once read, which the
     memory measured after setup does not include yet (a slide's uint8 box,
     :attr:`milbench.api.ImageSource.resident_bytes`); it counts like a kept map.
-    Measured on a 6048 x 5216 slide box at --max-memory 2GB: without it
-    (95 MB there) the run crossed the limit.
+    On a 6048 x 5216 slide box (95 MB of it) the tiles were otherwise
+    planned that much too large.
     """
     from milbench.api import auto_stages
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from milbench.api import ConfigError, StreamingTrunk
 
-__all__ = ["CLAMHead", "CLAMOutput", "StreamingCLAMModel", "clam_loss", "smooth_top1_svm", "INSTANCE_LOSSES"]
+__all__ = ["CLAMHead", "CLAMOutput", "StreamingCLAMModel", "bag_ce", "clam_loss", "smooth_top1_svm", "INSTANCE_LOSSES"]
 
 INSTANCE_LOSSES = ("none", "svm", "ce")
 
@@ -132,12 +132,17 @@ class CLAMHead(nn.Module):
         return F.cross_entropy(logits, target)
 
 
+def bag_ce(logits: torch.Tensor, label: int) -> torch.Tensor:
+    """Cross-entropy of one bag's class logits (n_classes,) against its label: the bag term of
+    :func:`clam_loss`, and the whole loss of a head streamed with the trunk (no instance loss)."""
+    return F.cross_entropy(logits.unsqueeze(0), torch.tensor([int(label)], device=logits.device))
+
+
 def clam_loss(out: CLAMOutput, label: int, inst_weight: float = 0.3) -> torch.Tensor:
     """CLAM's total loss: ``(1 - w) * CE(bag) + w * instance loss`` (CLAM's
     bag_weight is ``1 - w``; 0.7 in the paper), or the bag CE alone when the
     instance loss is off."""
-    target = torch.tensor([int(label)], device=out.logits.device)
-    bag = F.cross_entropy(out.logits.unsqueeze(0), target)
+    bag = bag_ce(out.logits, label)
     if out.inst_loss is None:
         return bag
     return (1.0 - inst_weight) * bag + inst_weight * out.inst_loss
