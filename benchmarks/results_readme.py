@@ -151,6 +151,45 @@ def main_job_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _val_auc_at_best(rec: dict) -> float | None:
+    """The validation AUC of the epoch whose weights were tested."""
+    best = rec.get("best_epoch")
+    return next((h.get("val_bag_auc") for h in rec.get("history") or [] if h.get("epoch") == best), None)
+
+
+def upper_bound_table(folder: str = "results/mouse-brain-upper-bound") -> str:
+    """mouse-brain: the instance-supervised upper bound and the band swap beside the reference MIL runs."""
+    oracle_path = ROOT / folder / "oracle.json"
+    groups: dict[str, list[dict]] = {}
+    reference = [r for r in _records("results/reference")
+                 if r.get("dataset") == "mouse-brain" and r.get("status") == "ok" and r["method"] in ("abmil",
+                                                                                                       "transcriptome-cnn")]
+    for r in reference + [r for r in _records(folder) if r.get("status") == "ok" and not r.get("smoke")]:
+        c = r.get("config") or {}
+        train = "spot patches" if c.get("train_bags", "spots") == "spots" else "regions"
+        label = f"{r['method']}, trained on {train}"
+        if r["method"] == "transcriptome-cnn":
+            label += f", bag score = {c.get('bag_score', 'max')} P(gene A)"
+        if float(c.get("test_band", 0.3)) != 0.3:
+            label += f", bands swapped (test {c['test_band']:g}, validation {c['val_band']:g} of the width)"
+        groups.setdefault(label, []).append(r)
+    lines = ["| run | supervision | validation AUC (selected epoch) | test bag AUC | per seed | folder |",
+             "|---|---|---|---|---|---|"]
+    for label, recs in groups.items():
+        recs = sorted(recs, key=lambda r: r["seed"])
+        where = "reference" if recs[0] in reference else folder.split("/", 1)[1]
+        lines.append(f"| {label} | {recs[0].get('supervision')} | {_cell([_val_auc_at_best(r) for r in recs])} | "
+                     f"{_cell([r['metrics'].get('bag_auc') for r in recs])} | "
+                     f"{' / '.join(format(r['metrics'].get('bag_auc'), '.3f') for r in recs)} | `{where}` |")
+    if oracle_path.exists():
+        doc = json.loads(oracle_path.read_text())
+        aucs = [v for per in doc["seeds"].values() for split in per.values()
+                for k, v in split.items() if k.startswith("auc_")]
+        lines.append(f"| oracle: the bags' true tile labels (`oracle.py`), no training | — | "
+                     f"{min(aucs):.3f}–{max(aucs):.3f} (every seed, split and score) | | | `{folder.split('/', 1)[1]}` |")
+    return "\n".join(lines) + "\n"
+
+
 def paired_table() -> str:
     """grad-accum against abmil on the same seeds (same data, same init): test AUC and the difference."""
     recs = [r for r in _records("results/reference") if r.get("status") == "ok" and not r.get("smoke")
@@ -216,6 +255,7 @@ def main() -> None:
         paired=paired_table(),
         tuned=tuned_table(),
         mouse_brain=mouse_brain_table(),
+        upper_bound=upper_bound_table(),
         parity=report("results/parity-cpu", "bag_auc", "bag_accuracy", "dice"),
         bag_size=report("results/bag-size-cpu", "train_s_per_bag", "peak_mib"),
         streaming=streaming_tables(),

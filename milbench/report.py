@@ -43,6 +43,36 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
         out[prefix] = obj
 
 
+class _MethodDefaults:
+    """Declared defaults of method keys that a record lacks.
+
+    Why: a record stores its whole resolved config, so a key is missing only
+    when the method declared it after the record was written. A key is added
+    with a default that keeps the old behaviour, so the older run ran with that
+    default; without filling it in, the older and newer seeds of one cell
+    would land on two table rows (``bag_score=nan`` and ``bag_score=max``).
+    Methods that are not installed are left as they are.
+    """
+
+    def __init__(self) -> None:
+        self._params: dict[str, dict[str, Any]] | None = None
+
+    def missing(self, rec: dict) -> dict[str, Any]:
+        config = rec.get("config")
+        if not isinstance(config, dict) or not config:
+            return {}
+        if self._params is None:
+            try:
+                from milbench.plugins import load_registry
+
+                self._params = {n: {k: p.default for k, p in m.params.items()}
+                                for n, m in load_registry().methods.items()}
+            except Exception:  # a report must not depend on every plugin loading
+                self._params = {}
+        declared = self._params.get(rec.get("method"), {})
+        return {k: v for k, v in declared.items() if k not in config}
+
+
 def load_frame(results: str, include_smoke: bool = False, records: Iterable[dict] | None = None) -> pd.DataFrame:
     """One row per record, nested keys flattened (``metrics.bag_auc`` ...).
 
@@ -55,6 +85,7 @@ def load_frame(results: str, include_smoke: bool = False, records: Iterable[dict
 
     rows = []
     hidden_smoke = 0
+    defaults = _MethodDefaults()
     for rec in records if records is not None else iter_records(results):
         if rec.get("smoke") and not include_smoke:
             hidden_smoke += 1
@@ -65,6 +96,8 @@ def load_frame(results: str, include_smoke: bool = False, records: Iterable[dict
             row[key] = rec.get(key)
         for key in ("metrics", "timing", "memory", "config"):
             _flatten(key, rec.get(key) or {}, row)
+        for key, value in defaults.missing(rec).items():
+            row[f"config.{key}"] = value
         row["protocol"] = (rec.get("protocol") or {}).get("hash") or "none"
         row["data.source"] = (rec.get("data") or {}).get("source") if isinstance(rec.get("data"), dict) else None
         row["environment.gpu"] = (rec.get("environment") or {}).get("gpu")

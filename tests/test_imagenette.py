@@ -276,10 +276,10 @@ def test_auto_training_bags_follow_the_data_found(no_roots):
 
     params = imn.ImagenetteBags.params
     assert params["n_train_bags"].default == "auto"
-    assert imn.auto_train_bags(8049, 10) == 804 and imn.auto_train_bags(472, 10) == imn.MIN_AUTO_TRAIN_BAGS
+    assert imn.auto_train_bags(8049, 10) == 804 and imn.auto_train_bags(952, 10) == imn.MIN_AUTO_TRAIN_BAGS
     ds = imn.ImagenetteBags()
     small = {**SMALL, "n_train_bags": "auto", "bag_size": 6}
-    splits = ds.load(small, 0, None)  # the shipped sample: 472 training images -> the floor
+    splits = ds.load(small, 0, None)  # the shipped sample: 952 training images -> the floor
     assert splits.info["source"] == "sample"
     assert len(splits.train) == splits.info["n_bags"]["train"] == imn.MIN_AUTO_TRAIN_BAGS
     assert len(ds.load({**small, "n_train_bags": 30}, 0, None).train) == 30
@@ -306,7 +306,8 @@ def test_shipped_sample_is_complete_and_verifies(no_roots):
     assert lay is not None and lay.complete
     assert all(len(lay.counts[s]) == 10 for s in ("train", "val"))
     size = sum(p.stat().st_size for p in imn.SAMPLE.rglob("*") if p.is_file())
-    assert size < 8e6, f"sample grew to {size / 1e6:.1f} MB"
+    # ~1,000 training images: fewer over-fit the main job (benchmarks/make_imagenette_sample.py says why)
+    assert size < 10e6, f"sample grew to {size / 1e6:.1f} MB"
     readme = " ".join((imn.SAMPLE / "README.md").read_text().split())
     assert "ImageNet terms of access" in readme and "non-commercial" in readme
     assert imn.ImagenetteBags().verify(None) == []

@@ -98,6 +98,26 @@ def test_int_key_set_in_some_runs_only_is_labelled_as_int(tmp_path):
     assert rows == ["abmil", "abmil [patch_size=32]"]
 
 
+def test_method_key_added_after_a_record_was_written_takes_its_declared_default(tmp_path):
+    """transcriptome-cnn declared ``bag_score`` (default max) after two of a cell's seeds ran: the older
+    records lack the key, and the cell stays one row of three seeds instead of splitting on nan vs max."""
+    from milbench.report import load_frame, summarize
+
+    for seed in (0, 1, 2):
+        r = _rec(f"t{seed}", "transcriptome-cnn", "imagenette", seed)
+        if seed == 2:
+            r["config"] = {**r["config"], "bag_score": "max"}
+        write_record(tmp_path, r)
+    mean = _rec("t3", "transcriptome-cnn", "imagenette", 0)
+    mean["config"] = {**mean["config"], "bag_score": "mean"}
+    write_record(tmp_path, mean)
+    df = load_frame(str(tmp_path))
+    assert sorted(df["config.bag_score"]) == ["max", "max", "max", "mean"]
+    s = summarize(df, ["bag_auc"])
+    assert sorted(s["row"]) == ["transcriptome-cnn [bag_score=max]", "transcriptome-cnn [bag_score=mean]"]
+    assert sorted(s["runs"]) == ["1 ok", "3 ok"]
+
+
 def test_unknown_metric_is_one_line(results):
     res = run_cli("report", "--results", str(results), "--metric", "bag_aux")
     assert res.returncode == 2 and "unknown metric 'bag_aux'" in res.stderr and "Traceback" not in res.stderr

@@ -161,6 +161,16 @@ def test_backward_and_predict_on_a_region_bag():
     assert pred.pixel_classes.shape == bag.mask.shape and pred.pixel_classes.dtype == torch.long
     assert pred.pixel_scores.shape == bag.mask.shape
     assert pred.loss is not None and pred.loss > 0
+    with torch.no_grad():
+        share = METHOD.predict(model, bag, config(stride=8, bag_score="mean"))
+    # bag_score=mean: the bag's expected key share (mouse-brain's region rule), not its most key-like tile
+    assert share.bag_prob == pytest.approx(float(share.instance_scores.mean()))
+    assert share.bag_prob < pred.bag_prob
+
+
+def test_bag_score_is_max_or_mean():
+    with pytest.raises(ConfigError, match="bag_score"):
+        config(bag_score="median")
 
 
 def test_bad_instance_label_is_reported():

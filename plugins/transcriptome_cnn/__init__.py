@@ -11,8 +11,12 @@ norms recalibrated on recent training patches before predicting
 predicts
 
 * per instance: class probabilities; ``instance_scores`` = P(key class),
-  ``bag_prob`` = the maximum over instances (the instance-supervised
-  reference on qmnist/imagenette, where the classes are other/key);
+  ``bag_prob`` = the maximum over instances (``bag_score = max``: the bag
+  rule of qmnist/imagenette, positive iff a key instance is present) or their
+  mean (``bag_score = mean``: the bag's expected key share, the rule of
+  mouse-brain's region bags, positive iff enough of the region is gene A).
+  With the rule that matches the dataset this is the instance-supervised
+  upper bound the MIL methods are read against;
 * per pixel, for bags with a ground-truth ``mask``: a dense class map by a
   sliding window (``stride``, batched) as ``pixel_classes`` and P(key) as
   ``pixel_scores``; the harness scores them with
@@ -59,6 +63,9 @@ class TranscriptomeCNN(Method):
                         nullable=True),
         "class_weights": Param("balanced", str, "loss weights: inverse class frequency of the labels seen, or none",
                                choices=("balanced", "none")),
+        "bag_score": Param("max", str, "bag probability from the instances' P(key): max (positive iff a key "
+                           "instance is present) or mean (the bag's key share, for share-based bag labels)",
+                           choices=("max", "mean")),
         "eval_batch": Param(256, int, "patches per forward pass at prediction", low=1),
         "bn_recalibrate": Param(256, int, "before predicting, batch norms take the statistics of the latest this "
                                 "many training patches as one batch (precise BN; 0: PyTorch running averages)",
@@ -154,7 +161,8 @@ class TranscriptomeCNN(Method):
         scores = probs[:, key].float().cpu()
         labels = self._labels(model, bag)
         loss = float(F.nll_loss(torch.log(probs.clamp_min(1e-12)).cpu(), labels)) if len(labels) else None
-        pred = Prediction(bag_prob=float(scores.max()) if len(scores) else 0.0, instance_scores=scores, loss=loss,
+        bag_prob = (float(scores.max()) if config["bag_score"] == "max" else float(scores.mean())) if len(scores) else 0.0
+        pred = Prediction(bag_prob=bag_prob, instance_scores=scores, loss=loss,
                           extra={"instance_classes": probs.argmax(1).cpu()})
         if bag.mask is not None:
             classes, key_prob = dense_class_map(model, bag.image(), _stride(model, config), batch, key)

@@ -10,6 +10,7 @@ OUT=${OUT:-results/slides-size-cpu}
 WORK=${WORK:-/tmp/slides-size-sweep}
 SIZES=${SIZES:-"1024 2048 4096 8192 16384"}
 METHODS=${METHODS:-"grad-accum streamingclam abmil"}
+TIMEOUT=${TIMEOUT:-900}  # seconds per point; a 16384² streamingclam point needs more (SIZES=16384 TIMEOUT=5400)
 for S in $SIZES; do
   D=$WORK/$S
   if [ ! -f "$D/sweep.csv" ]; then
@@ -17,7 +18,7 @@ for S in $SIZES; do
     printf 'slide_id,path,label,split\nslide-000,slide-000.svs,0,train\nslide-001,slide-001.svs,1,train\nslide-002,slide-002.tiff,0,val\nslide-003,slide-003.tiff,1,test\n' > "$D/sweep.csv"
   fi
   for M in $METHODS; do
-    timeout 900 milbench run -m $M -d slides --device cpu --max-memory "$MAXMEM" --results "$OUT" \
+    timeout "$TIMEOUT" milbench run -m $M -d slides --device cpu --max-memory "$MAXMEM" --results "$OUT" \
       --set manifest="$D/sweep.csv" --set tile_cache="$WORK/cache" --set instance_size=32 --set epochs=1 \
       2>&1 | grep -E " on slides \(seed|error:"
   done
