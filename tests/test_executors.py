@@ -251,6 +251,32 @@ def test_slurm_preemption_is_recorded_and_retried_once(env, tmp_path):
     assert result.counts() == {"preempted": 1, "ok": 1}
 
 
+@needs_ray
+def test_a_ray_task_that_errors_after_the_sweep_cancelled_it_is_interrupted_not_failed(ray_session):
+    """Under load, a cancelled point can come back as an error other than TaskCancelledError (its worker
+    interrupted mid-start, or gone); the sweep cancelled it, so it is ``interrupted`` and a resumed sweep
+    runs it again. The same error without a cancel stays ``failed``."""
+    from milbench.sweep.executors import RayExecutor
+
+    @ray_session.remote
+    def breaks():
+        raise RuntimeError("worker interrupted while starting")
+
+    task = sw.make_tasks(points()[:1], Path("/nonexistent"), "ray", device="cpu", sweep={"id": SPEC.sweep_id})[0]
+    for cancelled, status in ((False, "failed"), (True, "interrupted")):
+        ex = RayExecutor(cpus=1)
+        ref = breaks.remote()
+        ray_session.wait([ref], timeout=60)  # it has failed before the cancel reaches it: the race, made certain
+        ex.refs[ref] = task
+        if cancelled:
+            ex.cancel()
+        outs = []
+        while ex.active():
+            outs += ex.wait(5.0)
+        assert [o.status for o in outs] == [status] and outs[0].record is None
+        assert "worker interrupted while starting" in outs[0].error
+
+
 @needs_data
 @needs_ray
 @pytest.mark.slow
@@ -273,4 +299,4 @@ def test_cancel_stops_running_ray_tasks_with_interrupted_records(env, ray_sessio
     recs = list(iter_records(tmp_path, warn=False))
     assert recs and all(r["status"] == "interrupted" for r in recs)
     assert len(recs) == sum(o.record is not None for o in outs) <= 2  # 2 CPUs: at most 2 were running
-    assert all(o.status == "interrupted" for o in outs if o.record is None)
+    assert all(o.status == "interrupted" for o in outs if o.record is None), [(o.status, o.error) for o in outs]

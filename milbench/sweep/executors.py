@@ -327,6 +327,7 @@ class RayExecutor:
         if memory:
             self.options["memory"] = int(memory)
         self.refs: dict[Any, PointTask] = {}
+        self._cancelled = False
 
     def submit(self, tasks: Sequence[PointTask]) -> None:
         env = {k: v for k, v in os.environ.items() if k.startswith("MILBENCH_")}
@@ -339,6 +340,15 @@ class RayExecutor:
         return len(self.refs)
 
     def _outcome(self, ref: Any, task: PointTask) -> Outcome:
+        out = self._raw_outcome(ref, task)
+        if self._cancelled and out.record is None and out.status == "failed":
+            # we cancelled it: a task hit while starting up (KeyboardInterrupt outside the point's own handler,
+            # seen as a RayTaskError) or whose worker went down with it was interrupted, not broken, and a
+            # resumed sweep must run it again (a loaded machine made this race visible in the tests)
+            out.status, out.error = "interrupted", f"cancelled by the sweep; {out.error}"
+        return out
+
+    def _raw_outcome(self, ref: Any, task: PointTask) -> Outcome:
         ray = self._ray
         exc_mod = ray.exceptions
         engine = {"name": "ray"}
@@ -365,6 +375,7 @@ class RayExecutor:
         return [self._outcome(ref, self.refs.pop(ref)) for ref in ready]
 
     def cancel(self) -> None:
+        self._cancelled = True
         for ref in list(self.refs):
             try:
                 self._ray.cancel(ref)
