@@ -336,7 +336,8 @@ def split_train_folder(labels: "Any", indices: "Any", val_fraction: float, seed:
 
 
 #: ``n_train_bags=auto``'s floor: the shipped sample's 952 training images make 95 bags of 10, too
-#: few AdamW steps to learn in 15 epochs; 200 bags fit the main job's CPU budget (155-159 CPU s, results/main-job).
+#: few AdamW steps to learn in 15 epochs; 200 bags keep the main job near its 180 CPU s budget (162-183 CPU s,
+#: results/main-job).
 MIN_AUTO_TRAIN_BAGS = 200
 
 

@@ -342,9 +342,9 @@ class RayExecutor:
     def _outcome(self, ref: Any, task: PointTask) -> Outcome:
         out = self._raw_outcome(ref, task)
         if self._cancelled and out.record is None and out.status == "failed":
-            # we cancelled it: a task hit while starting up (KeyboardInterrupt outside the point's own handler,
-            # seen as a RayTaskError) or whose worker went down with it was interrupted, not broken, and a
-            # resumed sweep must run it again (a loaded machine made this race visible in the tests)
+            # we cancelled it, so whatever error it came back with (Ray says TaskCancelledError for most, but
+            # under load one came back as another error: its worker lost or interrupted mid-start) it was
+            # interrupted, not broken, and a resumed sweep must run it again
             out.status, out.error = "interrupted", f"cancelled by the sweep; {out.error}"
         return out
 
