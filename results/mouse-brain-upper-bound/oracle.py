@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from milbench.config import resolve
 from milbench.metrics import bag_auc
 from milbench.plugins import load_registry
 
@@ -33,12 +34,9 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="dataset key=value")
     args = ap.parse_args()
     ds = load_registry().datasets["mouse-brain"]
-    cfg = {k: p.default for k, p in ds.params.items()}
-    for kv in args.sets:
-        k, v = kv.split("=", 1)
-        cfg[k] = ds.params[k].validate(k, ds.params[k].type(v))
+    cfg = resolve(ds.params, [], args.sets)
     key = 1  # gene_a, the bags' key class
-    out = {"config": {k: v for k, v in cfg.items() if k in {s.split("=")[0] for s in args.sets}}, "seeds": {}}
+    out = {"config": {k: cfg[k] for k in (s.split("=", 1)[0].strip() for s in args.sets)}, "seeds": {}}
     for seed in args.seeds:
         splits = ds.load(cfg, seed, os.environ.get("MILBENCH_DATA_ROOT"))
         per = {}
