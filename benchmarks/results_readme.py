@@ -160,11 +160,12 @@ def _val_auc_at_best(rec: dict) -> float | None:
 def upper_bound_table(folder: str = "results/mouse-brain-upper-bound") -> str:
     """mouse-brain: the instance-supervised upper bound and the band swap beside the reference MIL runs."""
     oracle_path = ROOT / folder / "oracle.json"
-    groups: dict[str, list[dict]] = {}
-    reference = [r for r in _records("results/reference")
-                 if r.get("dataset") == "mouse-brain" and r.get("status") == "ok" and r["method"] in ("abmil",
-                                                                                                       "transcriptome-cnn")]
-    for r in reference + [r for r in _records(folder) if r.get("status") == "ok" and not r.get("smoke")]:
+    here = folder.split("/", 1)[1]
+    groups: dict[tuple[str, str], list[dict]] = {}  # (label, folder) -> records
+    reference = [("reference", r) for r in _records("results/reference")
+                 if r.get("dataset") == "mouse-brain" and r.get("status") == "ok"
+                 and r["method"] in ("abmil", "transcriptome-cnn")]
+    for where, r in reference + [(here, r) for r in _records(folder) if r.get("status") == "ok" and not r.get("smoke")]:
         c = r.get("config") or {}
         train = "spot patches" if c.get("train_bags", "spots") == "spots" else "regions"
         label = f"{r['method']}, trained on {train}"
@@ -172,12 +173,11 @@ def upper_bound_table(folder: str = "results/mouse-brain-upper-bound") -> str:
             label += f", bag score = {c.get('bag_score', 'max')} P(gene A)"
         if float(c.get("test_band", 0.3)) != 0.3:
             label += f", bands swapped (test {c['test_band']:g}, validation {c['val_band']:g} of the width)"
-        groups.setdefault(label, []).append(r)
+        groups.setdefault((label, where), []).append(r)
     lines = ["| run | supervision | validation AUC (selected epoch) | test bag AUC | per seed | folder |",
              "|---|---|---|---|---|---|"]
-    for label, recs in groups.items():
+    for (label, where), recs in groups.items():
         recs = sorted(recs, key=lambda r: r["seed"])
-        where = "reference" if recs[0] in reference else folder.split("/", 1)[1]
         lines.append(f"| {label} | {recs[0].get('supervision')} | {_cell([_val_auc_at_best(r) for r in recs])} | "
                      f"{_cell([r['metrics'].get('bag_auc') for r in recs])} | "
                      f"{' / '.join(format(r['metrics'].get('bag_auc'), '.3f') for r in recs)} | `{where}` |")
@@ -186,7 +186,7 @@ def upper_bound_table(folder: str = "results/mouse-brain-upper-bound") -> str:
         aucs = [v for per in doc["seeds"].values() for split in per.values()
                 for k, v in split.items() if k.startswith("auc_")]
         lines.append(f"| oracle: the bags' true tile labels (`oracle.py`), no training | — | "
-                     f"{min(aucs):.3f}–{max(aucs):.3f} (every seed, split and score) | | | `{folder.split('/', 1)[1]}` |")
+                     f"{min(aucs):.3f}–{max(aucs):.3f} (every seed, split and score) | | | `{here}` |")
     return "\n".join(lines) + "\n"
 
 

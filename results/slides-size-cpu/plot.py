@@ -20,25 +20,24 @@ rows = []
 # activations held whole), kept as its own series for comparison
 # default-allocator/: grad-accum and abmil measured before --max-memory made a CPU child release freed blocks
 # of >= 4 MiB to the OS (memory.cpu_malloc_release_bytes); in the table, not in the plot
-for f in sorted([*here.glob("*.json"), *here.glob("whole-map-head/*.json"), *here.glob("default-allocator/*.json")]):
+SERIES = {"whole-map-head": " (whole-map head)", "default-allocator": " (default allocator)"}  # folder -> suffix
+TABLE_ONLY = {"default-allocator"}
+for f in sorted([*here.glob("*.json"), *(g for d in SERIES for g in here.glob(f"{d}/*.json"))]):
     r = json.loads(f.read_text())
-    if f.parent.name == "whole-map-head":
-        r["method"] += " (whole-map head)"
-    if f.parent.name == "default-allocator":
-        r["method"] += " (default allocator)"
+    r["method"] += SERIES.get(f.parent.name, "")
     data = r.get("data") or {}
     per = data.get("per_slide") or []
     side = per[0]["dimensions"][0] if per else int(Path(r["config"]["manifest"]).parent.name)
     tiles = [p["tiles"] for p in per if p["split"] == "train"]
     mem = r["memory"]
-    rows.append({"method": r["method"], "side": side, "status": r["status"],
+    rows.append({"method": r["method"], "side": side, "status": r["status"], "plotted": f.parent.name not in TABLE_ONLY,
                  "tiles": sum(tiles) / len(tiles) if tiles else None,
                  "peak_mib": (mem.get("cpu_peak_rss_bytes") or 0) / 2**20,
                  "setup_mib": (mem.get("cpu_setup_rss_bytes") or 0) / 2**20,
                  "limit_mib": (mem.get("max_memory_bytes") or 0) / 2**20,
                  "s_per_bag": (r.get("timing") or {}).get("train_s_per_bag"), "error": r.get("error")})
 fig, ax = plt.subplots(figsize=(6, 4))
-for m in sorted({r["method"] for r in rows if "default allocator" not in r["method"]}):
+for m in sorted({r["method"] for r in rows if r["plotted"]}):
     pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["side"])
     ok = [r for r in pts if r["status"] == "ok"]
     line, = ax.plot([r["side"] for r in ok], [r["peak_mib"] for r in ok], "o:" if "whole-map" in m else "o-", label=m)
