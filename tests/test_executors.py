@@ -252,29 +252,45 @@ def test_slurm_preemption_is_recorded_and_retried_once(env, tmp_path):
 
 
 @needs_ray
-def test_a_ray_task_that_errors_after_the_sweep_cancelled_it_is_interrupted_not_failed(ray_session):
-    """Under load, a cancelled point can come back as an error other than TaskCancelledError (its worker
-    interrupted mid-start, or gone); the sweep cancelled it, so it is ``interrupted`` and a resumed sweep
-    runs it again. The same error without a cancel stays ``failed``."""
+def test_a_cancelled_ray_task_that_errors_is_interrupted_and_a_finished_one_is_not_cancelled(ray_session, tmp_path):
+    """A point the sweep cancelled can come back as a task error rather than TaskCancelledError (its
+    worker interrupted mid-start, or its code turning the KeyboardInterrupt into its own error): the sweep
+    stopped it, so it is ``interrupted`` and a resumed sweep runs it again. A point that had already failed
+    when the sweep cancelled stays ``failed`` and is not cancelled: cancelling a finished task races Ray's
+    reply handling and can abort the driver (ray-project/ray#54785; it took this test process down once)."""
     from milbench.sweep.executors import RayExecutor
 
-    @ray_session.remote
+    @ray_session.remote(max_retries=0)
     def breaks():
-        raise RuntimeError("worker interrupted while starting")
+        raise RuntimeError("broke before the cancel")
+
+    @ray_session.remote(max_retries=0)
+    def breaks_when_cancelled(marker: str):
+        Path(marker).touch()
+        try:
+            for _ in range(1200):  # short sleeps: Ray raises the KeyboardInterrupt between bytecodes
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            raise RuntimeError("worker interrupted while starting") from None
 
     task = sw.make_tasks(points()[:1], Path("/nonexistent"), "ray", device="cpu", sweep={"id": SPEC.sweep_id})[0]
-    for cancelled, status in ((False, "failed"), (True, "interrupted")):
-        ex = RayExecutor(cpus=1)
-        ref = breaks.remote()
-        ray_session.wait([ref], timeout=60)  # it has failed before the cancel reaches it: the race, made certain
-        ex.refs[ref] = task
-        if cancelled:
-            ex.cancel()
-        outs = []
-        while ex.active():
-            outs += ex.wait(5.0)
-        assert [o.status for o in outs] == [status] and outs[0].record is None
-        assert "worker interrupted while starting" in outs[0].error
+    ex = RayExecutor(cpus=1)
+    failed = breaks.remote()
+    ray_session.wait([failed], timeout=60)
+    marker = tmp_path / "running"
+    running = breaks_when_cancelled.remote(str(marker))
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the task never started"
+    ex.refs[failed], ex.refs[running] = task, task
+    ex.cancel()
+    outs = []
+    while ex.active():
+        outs += ex.wait(5.0)
+    got = sorted((o.status, o.error) for o in outs)
+    assert [status for status, _ in got] == ["failed", "interrupted"] and all(o.record is None for o in outs), got
+    assert "broke before the cancel" in got[0][1] and "worker interrupted while starting" in got[1][1], got
 
 
 @needs_data

@@ -327,7 +327,7 @@ class RayExecutor:
         if memory:
             self.options["memory"] = int(memory)
         self.refs: dict[Any, PointTask] = {}
-        self._cancelled = False
+        self._cancelled: set[Any] = set()  # the refs cancel() asked Ray to stop
 
     def submit(self, tasks: Sequence[PointTask]) -> None:
         env = {k: v for k, v in os.environ.items() if k.startswith("MILBENCH_")}
@@ -341,10 +341,12 @@ class RayExecutor:
 
     def _outcome(self, ref: Any, task: PointTask) -> Outcome:
         out = self._raw_outcome(ref, task)
-        if self._cancelled and out.record is None and out.status == "failed":
+        cancelled = ref in self._cancelled
+        self._cancelled.discard(ref)
+        if cancelled and out.record is None and out.status == "failed":
             # we cancelled it, so whatever error it came back with (Ray says TaskCancelledError for most, but
-            # under load one came back as another error: its worker lost or interrupted mid-start) it was
-            # interrupted, not broken, and a resumed sweep must run it again
+            # a task interrupted mid-start, or one that turns the KeyboardInterrupt into its own error, comes
+            # back as a task error) it was interrupted, not broken, and a resumed sweep must run it again
             out.status, out.error = "interrupted", f"cancelled by the sweep; {out.error}"
         return out
 
@@ -375,8 +377,25 @@ class RayExecutor:
         return [self._outcome(ref, self.refs.pop(ref)) for ref in ready]
 
     def cancel(self) -> None:
-        self._cancelled = True
-        for ref in list(self.refs):
+        """Ask Ray to stop every submitted point that has not finished.
+
+        A finished one is left alone: its outcome stands, and cancelling a task
+        whose reply the driver has not processed yet races Ray's own bookkeeping
+        (``Check failed: ... Tried to complete task that was not pending``,
+        ray-project/ray#54785), which aborts the driver process, the sweep with it.
+        """
+        refs = list(self.refs)
+        if not refs:
+            return
+        try:
+            done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        except Exception:
+            done = []
+        finished = set(done)
+        for ref in refs:
+            if ref in finished:
+                continue
+            self._cancelled.add(ref)
             try:
                 self._ray.cancel(ref)
             except Exception:
