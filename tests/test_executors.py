@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,7 @@ def test_submitit_job_array_matches_local(local_records, tmp_path):
 @needs_data
 @needs_ray
 @pytest.mark.slow
+@pytest.mark.ray_driver
 def test_ray_tasks_match_local(local_records, ray_session, tmp_path):
     from milbench.sweep.executors import RayExecutor
 
@@ -185,7 +187,7 @@ def _lose_abmil(monkeypatch):
 
 @needs_data
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["local", "slurm", "ray"])
+@pytest.mark.parametrize("engine", ["local", "slurm", pytest.param("ray", marks=pytest.mark.ray_driver)])
 def test_point_failing_on_the_engine_becomes_a_failed_record(engine, env, monkeypatch, tmp_path, request):
     if engine == "slurm" and not HAS_SUBMITIT:
         pytest.skip("submitit not installed: pip install 'milbench[slurm]'")
@@ -252,6 +254,7 @@ def test_slurm_preemption_is_recorded_and_retried_once(env, tmp_path):
 
 
 @needs_ray
+@pytest.mark.ray_driver
 def test_a_cancelled_ray_task_that_errors_is_interrupted_and_a_finished_one_is_not_cancelled(ray_session, tmp_path):
     """A point the sweep cancelled can come back as a task error rather than TaskCancelledError (its
     worker interrupted mid-start, or its code turning the KeyboardInterrupt into its own error): the sweep
@@ -296,6 +299,7 @@ def test_a_cancelled_ray_task_that_errors_is_interrupted_and_a_finished_one_is_n
 @needs_data
 @needs_ray
 @pytest.mark.slow
+@pytest.mark.ray_driver
 def test_cancel_stops_running_ray_tasks_with_interrupted_records(env, ray_session, tmp_path):
     """Ctrl-C's path: cancel what was submitted; running points record ``interrupted``, queued ones nothing."""
     from milbench.sweep.executors import RayExecutor
@@ -316,3 +320,20 @@ def test_cancel_stops_running_ray_tasks_with_interrupted_records(env, ray_sessio
     assert recs and all(r["status"] == "interrupted" for r in recs)
     assert len(recs) == sum(o.record is not None for o in outs) <= 2  # 2 CPUs: at most 2 were running
     assert all(o.status == "interrupted" for o in outs if o.record is None), [(o.status, o.error) for o in outs]
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ray_driver_tests_pass_in_their_own_process():
+    """The ``ray_driver`` tests above, in a child pytest process (``conftest.pytest_collection_modifyitems``
+    says why): it must pass every one of them, skip none, and exit on its own."""
+    from conftest import RAY_DRIVER_ENV
+
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "ray_driver", str(Path(__file__))]
+    r = subprocess.run(cmd, env={**os.environ, RAY_DRIVER_ENV: "1"}, cwd=str(Path(__file__).resolve().parents[1]),
+                       capture_output=True, text=True, timeout=1200)
+    out = (r.stdout + r.stderr)[-6000:]
+    lines = r.stdout.strip().splitlines()
+    summary = lines[-1] if lines else ""
+    assert r.returncode == 0, f"the child pytest exited {r.returncode}:\n{out}"
+    assert re.search(r"\b\d+ passed\b", summary) and not re.search(r"skipped|failed|error", summary), out
