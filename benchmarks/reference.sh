@@ -14,8 +14,6 @@ if [[ "$what" == sweeps || "$what" == all ]]; then
   # grad-accum against abmil, paired by seed: 5 seeds on qmnist and imagenette
   milbench sweep -m abmil,grad-accum -d qmnist,imagenette --seeds 0-4 --device cpu --results results/reference
   # equal-budget tuning on qmnist: 4 trials per method on validation, then the tuned preset on 3 seeds
-  # (the committed tuned table is from patience 5, in results/previous-protocol/patience-5/; after this
-  # rerun, point TUNED and TUNED_REFERENCE in benchmarks/results_readme.py back at the current folders)
   for m in sampled streamingclam abmil grad-accum; do
     milbench tune -m $m -d qmnist --trials 4 --seed 0 --device cpu --results results/tuned-qmnist-cpu
     for s in 0 1 2; do
