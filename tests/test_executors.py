@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -260,7 +261,7 @@ def test_a_cancelled_ray_task_that_errors_is_interrupted_and_a_finished_one_is_n
     worker interrupted mid-start, or its code turning the KeyboardInterrupt into its own error): the sweep
     stopped it, so it is ``interrupted`` and a resumed sweep runs it again. A point that had already failed
     when the sweep cancelled stays ``failed`` and is not cancelled: cancelling a finished task races Ray's
-    reply handling and can abort the driver (ray-project/ray#54785; it took this test process down once)."""
+    reply handling and can abort the driver (ray-project/ray#54785; it took a CI run down once)."""
     from milbench.sweep.executors import RayExecutor
 
     @ray_session.remote(max_retries=0)
@@ -268,32 +269,38 @@ def test_a_cancelled_ray_task_that_errors_is_interrupted_and_a_finished_one_is_n
         raise RuntimeError("broke before the cancel")
 
     @ray_session.remote(max_retries=0)
-    def breaks_when_cancelled(marker: str):
+    def breaks_after_the_cancel(marker: str):
+        # ends with its own error 3 s after it starts, whether or not Ray delivers the cancel's
+        # KeyboardInterrupt (once, in CI, it did not): the outcome does not depend on that delivery
         Path(marker).touch()
-        try:
-            for _ in range(1200):  # short sleeps: Ray raises the KeyboardInterrupt between bytecodes
+        end = time.time() + 3
+        while time.time() < end:
+            try:
                 time.sleep(0.1)
-        except KeyboardInterrupt:
-            raise RuntimeError("worker interrupted while starting") from None
+            except KeyboardInterrupt:
+                pass
+        raise RuntimeError("worker interrupted while starting")
 
     task = sw.make_tasks(points()[:1], Path("/nonexistent"), "ray", device="cpu", sweep={"id": SPEC.sweep_id})[0]
     ex = RayExecutor(cpus=1)
     failed = breaks.remote()
     ray_session.wait([failed], timeout=60)
     marker = tmp_path / "running"
-    running = breaks_when_cancelled.remote(str(marker))
+    running = breaks_after_the_cancel.remote(str(marker))
     deadline = time.time() + 60
     while not marker.exists() and time.time() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert marker.exists(), "the task never started"
     ex.refs[failed], ex.refs[running] = task, task
     ex.cancel()
     outs = []
     while ex.active():
         outs += ex.wait(5.0)
-    got = sorted((o.status, o.error) for o in outs)
-    assert [status for status, _ in got] == ["failed", "interrupted"] and all(o.record is None for o in outs), got
-    assert "broke before the cancel" in got[0][1] and "worker interrupted while starting" in got[1][1], got
+    seen = [(o.status, o.error) for o in outs]
+    before = [o for o in outs if "broke before the cancel" in (o.error or "")]
+    assert len(outs) == 2 and len(before) == 1 and all(o.record is None for o in outs), seen
+    cancelled = next(o for o in outs if o is not before[0])
+    assert before[0].status == "failed" and cancelled.status == "interrupted", seen
 
 
 @needs_data
@@ -330,10 +337,19 @@ def test_ray_driver_tests_pass_in_their_own_process():
     from conftest import RAY_DRIVER_ENV
 
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "ray_driver", str(Path(__file__))]
-    r = subprocess.run(cmd, env={**os.environ, RAY_DRIVER_ENV: "1"}, cwd=str(Path(__file__).resolve().parents[1]),
-                       capture_output=True, text=True, timeout=1200)
-    out = (r.stdout + r.stderr)[-6000:]
-    lines = r.stdout.strip().splitlines()
-    summary = lines[-1] if lines else ""
+
+    def child() -> tuple[subprocess.CompletedProcess, str, str]:
+        r = subprocess.run(cmd, env={**os.environ, RAY_DRIVER_ENV: "1"}, cwd=str(Path(__file__).resolve().parents[1]),
+                           capture_output=True, text=True, timeout=1200)
+        lines = r.stdout.strip().splitlines()
+        return r, (lines[-1] if lines else ""), (r.stdout + r.stderr)[-6000:]
+
+    r, summary, out = child()
+    if not re.search(r"\d+ (passed|failed)", summary):
+        # the child died without pytest's summary: Ray aborted the driver (an engine crash, not one of these
+        # tests failing); said in the warnings summary, and tried once more
+        warnings.warn(f"the ray_driver child pytest died (exit {r.returncode}) without a summary; rerun once. "
+                      f"Its output ended: {out[-500:]!r}")
+        r, summary, out = child()
     assert r.returncode == 0, f"the child pytest exited {r.returncode}:\n{out}"
     assert re.search(r"\b\d+ passed\b", summary) and not re.search(r"skipped|failed|error", summary), out
