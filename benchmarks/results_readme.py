@@ -258,6 +258,8 @@ def main() -> None:
         upper_bound=upper_bound_table(),
         sampled_fraction=report("results/sampled-fraction-qmnist", "bag_auc", "bag_accuracy", "dice",
                                 "train_s_per_bag", "peak_mib"),
+        sampled_fraction_imagenette=report("results/sampled-fraction-imagenette", "bag_auc", "bag_accuracy", "dice",
+                                           "train_s_per_bag", "peak_mib"),
         parity=report("results/parity-cpu", "bag_auc", "bag_accuracy", "dice"),
         bag_size=report("results/bag-size-cpu", "train_s_per_bag", "peak_mib"),
         streaming=streaming_tables(),
