@@ -97,6 +97,9 @@ class StreamingCLAM(Method):
         "trunk_depth": Param(None, int, "trunk stages kept (none: 4; resnets: layer1..layerN)", low=1, high=4,
                              nullable=True),
         "pretrained": Param(False, bool, "ImageNet weights for a resnet trunk (needs them downloaded)"),
+        "weight_standardization": Param("auto", str, "standardise the trunk's conv weights (streams exactly, "
+                                        "unlike an activation norm); auto: for the from-scratch small and lenet "
+                                        "trunks, not the resnets", choices=("auto", "on", "off")),
         "freeze_trunk_epochs": Param(0, int, "epochs (from the first) in which only the head trains", low=0),
         "head_pool": Param(0, int, "max-pool kernel on the feature map before the head (0/1: none)", low=0),
         "hidden_dim": Param(128, int, "CLAM fc width (the paper's 512)", low=1),
@@ -139,6 +142,8 @@ class StreamingCLAM(Method):
             raise ConfigError(f"stream_head=always cannot stream this head: {why}; set stream_head=auto or never")
         if config["tile_size"] == "auto":  # sized in build(), where the budget is known
             return
+        if config["weight_standardization"] == "on" and config["pretrained"]:
+            raise ConfigError("weight_standardization=on would distort the pretrained weights; set it to auto or off")
         trunk = build_trunk(config["trunk"], 3, config["trunk_depth"], pretrained=False)
         need = geometry(trunk).min_tile_size
         if config["tile_size"] < need:
@@ -149,7 +154,8 @@ class StreamingCLAM(Method):
         from .clam import CLAMHead, StreamingCLAMModel
         from .trunk import build_trunk
 
-        trunk = build_trunk(config["trunk"], spec.channels, config["trunk_depth"], config["pretrained"])
+        trunk = build_trunk(config["trunk"], spec.channels, config["trunk_depth"], config["pretrained"],
+                            config["weight_standardization"])
         # Bag labels are 0/1 on every dataset (spec.n_classes counts instance classes on mouse-brain),
         # so the bag classifier is CLAM's two-class one.
         head = CLAMHead(trunk.out_channels, config["hidden_dim"], config["attn_dim"], 2,
