@@ -70,9 +70,16 @@ def plain_step(model, bag, config):
     {"inst_loss": "none", "tile_shape": "square"},
     {"inst_loss": "svm", "inst_k": 3},
     {"inst_loss": "ce", "inst_k": 2, "head_pool": 2},
+    {"inst_loss": "none", "weight_standardization": "off"},
 ])
 def test_backward_equals_plain_small_trunk(plugin, overrides):
+    from torch.nn.utils import parametrize
+
     method, config, model = build(plugin, tile_size=40, hidden_dim=16, attn_dim=8, **overrides)
+    convs = [m for m in model.stream.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    # the default (auto) standardises the small trunk's weights: the exactness below covers it
+    assert all(parametrize.is_parametrized(c, "weight") for c in convs) == \
+        (overrides.get("weight_standardization", "auto") == "auto")
     bag = make_bag(label=1)
     h, w = bag.image().shape[-2:]
     assert len(model.stream.tiles(h, w)) > 1, "the test must really stream"
@@ -91,6 +98,44 @@ def test_backward_equals_plain_small_trunk(plugin, overrides):
     head_streamed = overrides.get("stream_head", "auto") == "auto" and overrides["inst_loss"] == "none" \
         and overrides.get("head_pool", 0) <= 1
     assert bool(model.tile_sizing.get("stream_head_streamed")) == head_streamed
+
+
+def test_weight_standardisation_fixes_each_filters_scale():
+    """Every conv of a from-scratch trunk computes with a filter of mean 0 and variance
+    2/fan_in whatever its raw weights, so the output ignores their scale; resnets keep
+    their raw weights under auto, and off leaves plain convolutions."""
+    from torch.nn.utils import parametrize
+
+    from milbench_plugins.streamingclam.trunk import build_trunk
+
+    torch.manual_seed(0)
+    trunk = build_trunk("small", 1).double()
+    convs = [m for m in trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(parametrize.is_parametrized(c, "weight") for c in convs)
+    for c in convs:
+        w = c.weight.flatten(1)
+        assert w.mean(1).abs().max().item() < 1e-12
+        assert torch.allclose(w.var(1, unbiased=False) * w.shape[1], torch.full((w.shape[0],), 2.0, dtype=w.dtype),
+                              rtol=1e-3)  # eps keeps it a hair under 2
+    x = torch.randn(1, 1, 40, 40, dtype=torch.float64)
+    before = trunk(x)
+    with torch.no_grad():
+        for c in convs:  # the raw weights: scaled and shifted per filter
+            c.parametrizations.weight.original.mul_(3.0).add_(0.5)
+    # equal up to eps's share (unstandardised, the output would be about 81x larger)
+    assert ((trunk(x) - before).abs().max() / before.abs().max()).item() < 1e-3
+    assert not any(parametrize.is_parametrized(m, "weight") for m in build_trunk("small", 1, None, False, "off").modules()
+                   if isinstance(m, torch.nn.Conv2d))
+    resnet = build_trunk("resnet18", 3, 1)
+    assert not any(parametrize.is_parametrized(m, "weight") for m in resnet.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_weight_standardisation_refused_on_pretrained_weights(plugin):
+    method = plugin.StreamingCLAM()
+    config = make_config(method, trunk="resnet18", pretrained=True, weight_standardization="on", tile_size=256)
+    with pytest.raises(ConfigError, match="distort the pretrained weights") as err:
+        method.check(config)
+    assert "\n" not in str(err.value)
 
 
 def assert_streamed_step_equals_plain(method, model, bag, config, tol: float = 1e-9) -> None:

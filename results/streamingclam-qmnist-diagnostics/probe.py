@@ -7,9 +7,11 @@ the attention's entropy (ln of the number of positions = uniform attention).
 
     MILBENCH_DATA_ROOT=../shared/data OMP_NUM_THREADS=1 python results/streamingclam-qmnist-diagnostics/probe.py VARIANT [EPOCHS]
 
-VARIANT: small | lenet | lenet-pool7 (trunk over the bag image; pool7 max-pools the stride-4 map to one
+VARIANT: small | lenet | lenet-pool7 (add -plain to any of them: no weight standardisation) (trunk over the bag image; pool7 max-pools the stride-4 map to one
 position per 28-px digit cell) | instances (the same LeNet applied to each digit, as abmil does, then the
-same CLAM head over the 20 instance vectors).
+same CLAM head over the 20 instance vectors). The trunks are built as the method builds them: since
+weight standardisation became the default of the from-scratch trunks, ``small`` and ``lenet`` are
+standardised; ``small-plain`` is the small trunk without it (what ``small`` was before).
 """
 
 import itertools
@@ -39,8 +41,9 @@ if variant == "instances":
     encoder = LeNetEncoder(1, 28, 500)
     head = CLAMHead(500, 128, 64, 2)
 else:
-    encoder = build_trunk("lenet" if variant.startswith("lenet") else "small", 1)
-    head = CLAMHead(encoder.out_channels, 128, 64, 2, pool=7 if variant.endswith("pool7") else 0)
+    encoder = build_trunk("lenet" if variant.startswith("lenet") else "small", 1, None, False,
+                          "off" if variant.endswith("plain") else "auto")
+    head = CLAMHead(encoder.out_channels, 128, 64, 2, pool=7 if "pool7" in variant else 0)
 params = [*encoder.parameters(), *head.parameters()]
 opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
 total = 0.0
