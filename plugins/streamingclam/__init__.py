@@ -31,6 +31,13 @@ that fits; the choice goes into the record's metrics
 rectangle of at most ``tile_size**2`` pixels, e.g. a full-width strip, which
 overlaps its neighbours less than a square.
 
+The from-scratch trunks (``small``, the default, and ``lenet``) standardise
+their convolution weights (``weight_standardization=auto``; :mod:`.trunk`):
+the normalisation that streams exactly, since it never looks at activations.
+Without it their features collapsed on qmnist while attention MIL sat on its
+0.693 plateau, and the method needed about 30 epochs to leave it (11-19 with
+it; ``results/streamingclam-qmnist-diagnostics``).
+
 Scores for Dice: the head's attention over feature-map positions, divided by
 its maximum and multiplied by the bag probability (the convention of
 :func:`milbench.api.attention_scores`, so a bag predicted negative marks

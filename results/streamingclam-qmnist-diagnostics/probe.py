@@ -2,16 +2,17 @@
 
 Trains the CLAM head (plugins/streamingclam/clam.py) without streaming (the gradients are the same),
 with the protocol's AdamW (lr 1e-3, weight decay 1e-2), 4 bags per step, clipping at 1.0, no warm-up,
-on qmnist seed 1's 200 training bags, and prints per epoch the mean training loss, the feature scale and
-the attention's entropy (ln of the number of positions = uniform attention).
+on qmnist seed 1's 200 training bags, and prints per epoch the mean training loss, the feature scale,
+the share of the last bag's feature-map values that are zero (dead ReLUs) and the attention's entropy
+(ln of the number of positions = uniform attention).
 
     MILBENCH_DATA_ROOT=../shared/data OMP_NUM_THREADS=1 python results/streamingclam-qmnist-diagnostics/probe.py VARIANT [EPOCHS]
 
-VARIANT: small | lenet | lenet-pool7 (add -plain to any of them: no weight standardisation) (trunk over the bag image; pool7 max-pools the stride-4 map to one
-position per 28-px digit cell) | instances (the same LeNet applied to each digit, as abmil does, then the
-same CLAM head over the 20 instance vectors). The trunks are built as the method builds them: since
-weight standardisation became the default of the from-scratch trunks, ``small`` and ``lenet`` are
-standardised; ``small-plain`` is the small trunk without it (what ``small`` was before).
+VARIANT: small | lenet | lenet-pool7 (a trunk over the bag image; pool7 max-pools the stride-4 map to
+one position per 28-px digit cell) | instances (the same LeNet applied to each digit, as abmil does,
+then the same CLAM head over the 20 instance vectors). The trunks are built as the method builds them:
+weight-standardised since that became the from-scratch trunks' default; add ``-plain`` to a trunk
+variant for one without (``small-plain`` is what ``small`` was before).
 """
 
 import itertools
@@ -62,9 +63,9 @@ for step, bag in enumerate(itertools.chain(*[bags] * epochs)):
         opt.step()
         opt.zero_grad()
     if (step + 1) % len(bags) == 0:
-        a = out.attention.detach()
+        a, f = out.attention.detach(), f.detach()
         entropy = float(-(a * a.clamp_min(1e-12).log()).sum())
         print(f"epoch {(step + 1) // len(bags)}: train loss {total / len(bags):.3f}  feature mean "
-              f"{float(f.mean()):.3g}  attention entropy {entropy:.2f} (uniform: {math.log(a.numel()):.2f}, "
+              f"{float(f.mean()):.3g}  dead {float((f <= 0).float().mean()):.2f}  attention entropy {entropy:.2f} (uniform: {math.log(a.numel()):.2f}, "
               f"{a.numel()} positions)", flush=True)
         total = 0.0
