@@ -132,10 +132,12 @@ def test_weight_standardisation_fixes_each_filters_scale():
 
 def test_weight_standardisation_refused_on_pretrained_weights(plugin):
     method = plugin.StreamingCLAM()
-    config = make_config(method, trunk="resnet18", pretrained=True, weight_standardization="on", tile_size=256)
-    with pytest.raises(ConfigError, match="distort the pretrained weights") as err:
-        method.check(config)
-    assert "\n" not in str(err.value)
+    for tile_size in ("auto", 256):  # refused before any weights are fetched, whatever the tiles
+        config = make_config(method, trunk="resnet18", pretrained=True, weight_standardization="on",
+                             tile_size=tile_size)
+        with pytest.raises(ConfigError, match="distort the pretrained weights") as err:
+            method.check(config)
+        assert "\n" not in str(err.value)
 
 
 def assert_streamed_step_equals_plain(method, model, bag, config, tol: float = 1e-9) -> None:

@@ -78,7 +78,7 @@ class QMNISTBags(Dataset):
     # plateau (loss 0.693) for a while before they learn: under the protocol at 5e-4 and 10 epochs abmil
     # left it at epoch 5 (seed 1) but was still leaving it at epoch 10 (seed 2, test AUC 0.87).
     # 30 epochs, not 20 (2026-12-03, every qmnist cell rerun): streamingclam's fully convolutional trunk
-    # leaves the plateau later than the per-digit encoders, at epochs 11-20 (weight-standardised trunk;
+    # leaves the plateau later than the per-digit encoders, at epochs 11-19 (weight-standardised trunk;
     # test AUC 0.980 / 0.820 / 0.761 in 20 epochs, 0.995 / 0.961 in 30 for seeds 1 and 2:
     # results/streamingclam-qmnist-diagnostics). The budget is the dataset's, so every method gets it.
     defaults = {"lr": 1e-3, "epochs": 30}

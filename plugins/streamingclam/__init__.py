@@ -147,10 +147,10 @@ class StreamingCLAM(Method):
         why = head_not_streamable(config, training=True)
         if config["stream_head"] == "always" and why:
             raise ConfigError(f"stream_head=always cannot stream this head: {why}; set stream_head=auto or never")
-        if config["tile_size"] == "auto":  # sized in build(), where the budget is known
-            return
         if config["weight_standardization"] == "on" and config["pretrained"]:
             raise ConfigError("weight_standardization=on would distort the pretrained weights; set it to auto or off")
+        if config["tile_size"] == "auto":  # sized in build(), where the budget is known
+            return
         trunk = build_trunk(config["trunk"], 3, config["trunk_depth"], pretrained=False)
         need = geometry(trunk).min_tile_size
         if config["tile_size"] < need:
