@@ -215,8 +215,8 @@ def paired_table() -> str:
 
 #: The tuned runs and the default-preset records they are compared with; both under the current
 #: protocol (a table never mixes protocols; the patience-5 tuning is in results/previous-protocol/).
-TUNED = "results/previous-protocol/qmnist-20-epochs/tuned-qmnist-cpu"
-TUNED_REFERENCE = "results/previous-protocol/qmnist-20-epochs/reference"
+TUNED = "results/tuned-qmnist-cpu"
+TUNED_REFERENCE = "results/reference"
 TUNED_METHODS = ("abmil", "grad-accum", "sampled", "streamingclam")
 
 
