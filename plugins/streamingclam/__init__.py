@@ -137,18 +137,18 @@ class StreamingCLAM(Method):
     smoke = {"trunk": "small", "trunk_depth": None, "tile_size": 64, "hidden_dim": 16, "attn_dim": 8}
 
     def check(self, config: Mapping[str, Any]) -> None:
-        """Refuse a head that cannot be streamed under ``stream_head=always``, and a
-        tile smaller than the trunk's minimum, before any work starts (the
+        """Refuse weight standardisation of pretrained weights, a head that cannot be
+        streamed under ``stream_head=always``, and a tile smaller than the trunk's
+        minimum, before any work starts (the
         geometry does not depend on the input channels: 3 stands in)."""
         from milbench.api import geometry
 
-        from .trunk import build_trunk
+        from .trunk import build_trunk, standardises
 
+        standardises(config["trunk"], config["weight_standardization"], config["pretrained"])  # refuses a conflict
         why = head_not_streamable(config, training=True)
         if config["stream_head"] == "always" and why:
             raise ConfigError(f"stream_head=always cannot stream this head: {why}; set stream_head=auto or never")
-        if config["weight_standardization"] == "on" and config["pretrained"]:
-            raise ConfigError("weight_standardization=on would distort the pretrained weights; set it to auto or off")
         if config["tile_size"] == "auto":  # sized in build(), where the budget is known
             return
         trunk = build_trunk(config["trunk"], 3, config["trunk_depth"], pretrained=False)

@@ -34,7 +34,7 @@ from torch import nn
 
 from milbench.api import ConfigError, FrozenBatchNorm2d, first_line, freeze_batch_norms
 
-__all__ = ["build_trunk", "TRUNKS", "WeightStandardization", "standardise_weights"]
+__all__ = ["build_trunk", "TRUNKS", "WeightStandardization", "standardise_weights", "standardises"]
 
 TRUNKS = ("small", "lenet", "resnet18", "resnet34", "resnet50")
 _RESNET_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
@@ -127,6 +127,18 @@ def _resnet_trunk(name: str, in_channels: int, depth: int, pretrained: bool) -> 
     return trunk, _RESNET_CHANNELS[name][depth - 1]
 
 
+def standardises(name: str, weight_standardization: str, pretrained: bool) -> bool:
+    """Whether ``build_trunk`` standardises this trunk's weights: ``auto`` for the
+    from-scratch trunks only, ``on``/``off`` as told; ``on`` with pretrained weights
+    (which it would distort) or an unknown setting is a :class:`ConfigError`, which the
+    method's ``check`` raises before anything is built or downloaded."""
+    if weight_standardization not in ("auto", "on", "off"):
+        raise ConfigError(f"bad weight_standardization {weight_standardization!r}; valid: auto, on, off")
+    if weight_standardization == "on" and pretrained:
+        raise ConfigError("weight_standardization=on would distort the pretrained weights; set it to auto or off")
+    return weight_standardization == "on" or (weight_standardization == "auto" and name in ("small", "lenet"))
+
+
 def build_trunk(name: str, in_channels: int, depth: int | None = None, pretrained: bool = False,
                 weight_standardization: str = "auto") -> nn.Sequential:
     """A streamable CNN trunk by name, with every batch norm frozen.
@@ -152,11 +164,7 @@ def build_trunk(name: str, in_channels: int, depth: int | None = None, pretraine
         trunk, out = _small_trunk(in_channels, depth) if name == "small" else _lenet_trunk(in_channels)
     else:
         trunk, out = _resnet_trunk(name, in_channels, depth, pretrained)
-    if weight_standardization not in ("auto", "on", "off"):
-        raise ConfigError(f"bad weight_standardization {weight_standardization!r}; valid: auto, on, off")
-    if weight_standardization == "on" and pretrained:
-        raise ConfigError("weight_standardization=on would distort the pretrained weights; set it to auto or off")
-    if weight_standardization == "on" or (weight_standardization == "auto" and name in ("small", "lenet")):
+    if standardises(name, weight_standardization, pretrained):
         standardise_weights(trunk)
     trunk.out_channels = out
     return trunk
