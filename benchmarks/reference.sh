@@ -19,8 +19,7 @@ if [[ "$what" == sweeps || "$what" == all ]]; then
   milbench sweep -m sampled -d imagenette --grid sample_fraction=0.7 --seeds 0,1,2 --device cpu \
     --results results/sampled-fraction-imagenette
   # equal-budget tuning on qmnist: 4 trials per method on validation, then the tuned preset on 3 seeds
-  # (the committed table is under the 20-epoch qmnist budget: results/previous-protocol/qmnist-20-epochs/;
-  # this writes a fresh one under the current protocol, which benchmarks/results_readme.py's TUNED can name)
+  # (earlier tunings, under earlier qmnist settings, are under results/previous-protocol/)
   for m in sampled streamingclam abmil grad-accum; do
     milbench tune -m $m -d qmnist --trials 4 --seed 0 --device cpu --results results/tuned-qmnist-cpu
     for s in 0 1 2; do

@@ -27,7 +27,7 @@ def test_reads_shared_mnist_and_splits_disjoint(data_root):
     assert s.info["source"] == "mnist" and s.info["n_digits"] == 10000
     ids = {name: set(getattr(s, name).instance_ids()) for name in ("train", "val", "test")}
     assert not ids["train"] & ids["test"] and not ids["train"] & ids["val"] and not ids["val"] & ids["test"]
-    assert len(s.train) == 200 and len(s.val) == 50 and len(s.test) == 100
+    assert len(s.train) == 200 and len(s.val) == 200 and len(s.test) == 300  # the dataset's defaults
 
 
 def test_bag_labels_agree_with_instances_and_image_view(data_root):
