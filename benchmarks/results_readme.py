@@ -134,9 +134,10 @@ def _load(rec: dict) -> str:
     return f"{a[0]:.1f} → {b[0]:.1f}" if a and b else "not recorded"
 
 
-def main_job_table() -> str:
-    """The README's first command on the shipped sample, one row per seed (results/main-job)."""
-    recs = [r for r in _records("results/main-job") if not r.get("smoke")]
+def main_job_table(folder: str = "results/main-job") -> str:
+    """The README's first command on the shipped sample, one row per seed (results/main-job, or an
+    earlier sample's records)."""
+    recs = [r for r in _records(folder) if not r.get("smoke")]
     if not recs:
         return "(no records yet)"
     lines = ["| seed | status | test AUC | test accuracy | epochs (best) | process CPU s | wall s | torch threads | "
@@ -252,6 +253,7 @@ def main() -> None:
     text = template.format(
         reference=per_dataset_reference(),
         main_job=main_job_table(),
+        main_job_previous=main_job_table("results/previous-sample/second-1120/main-job-rerun-2026-12-04"),
         paired=paired_table(),
         tuned=tuned_table(),
         mouse_brain=mouse_brain_table(),
