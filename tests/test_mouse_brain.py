@@ -259,13 +259,13 @@ def test_default_evaluation_regions_fit_the_shipped_section(isolated_roots):
     seed draws its own: 40 test regions had made the test AUC's sampling error (about 0.07) as large as
     the methods' seed spread."""
     ds = mb.MouseBrain()
-    cfg = config(n_train_bags=2, bag_size=16)
+    cfg = config(n_train_bags=2)
     assert (cfg["n_val_bags"], cfg["n_test_bags"]) == (200, 200)
     a, b = ds.load(cfg, 0, None), ds.load(cfg, 1, None)
     for split in ("val", "test"):
         labels = [bag.label for bag in getattr(a, split)]
         assert len(labels) == 200 and sum(labels) == 100
-    assert getattr(a, "test").pixel_boxes() != getattr(b, "test").pixel_boxes()
+    assert a.test.pixel_boxes() != b.test.pixel_boxes()
 
 
 def test_config_errors_are_one_line(ca1_dir):
