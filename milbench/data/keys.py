@@ -13,7 +13,7 @@ from milbench.config import AutoParam, Param
 
 
 def bag_params(*, bag_size: int, instance_size: int, key_fraction: float, n_train_bags: int | str = 200,
-               n_val_bags: int = 50, n_test_bags: int = 100, bag_size_std: float | None = 0.0,
+               n_val_bags: int = 200, n_test_bags: int = 300, bag_size_std: float | None = 0.0,
                min_instance_size: int = 8, max_instance_size: int | None = None,
                help: dict[str, str] | None = None) -> dict[str, Param]:
     """``{key: Param}`` for the shared bag keys, with this dataset's defaults.
@@ -24,6 +24,12 @@ def bag_params(*, bag_size: int, instance_size: int, key_fraction: float, n_trai
     ``n_train_bags="auto"`` makes that key an :class:`~milbench.config.AutoParam`:
     the dataset sizes the training set to the data it finds (and records what it
     picked), so one default serves a shipped sample and the full data.
+
+    The evaluation defaults (200 validation, 300 test bags) are what the built-in
+    datasets found they need: on 50 balanced validation bags a bag AUC moves in
+    steps of 0.0016 and reaches 1.0 early in training, so selection keeps a
+    half-trained epoch; on 100 test bags one seed's AUC has a sampling error the
+    size of a method's seed spread.
     """
     text = {
         "bag_size": "instances per bag (the mean when bag_size_std > 0)",
