@@ -218,7 +218,7 @@ def paired_table() -> str:
 #: protocol (a table never mixes protocols; the patience-5 tuning is in results/previous-protocol/).
 TUNED = "results/tuned-qmnist-cpu"
 TUNED_REFERENCE = "results/reference"
-TUNED_METHODS = ("abmil", "grad-accum", "sampled", "streamingclam")
+TUNED_METHODS = ("abmil", "grad-accum", "sampled", "streamingclam", "transcriptome-cnn")
 
 
 def tuned_table(folder: str = TUNED, dataset: str = "qmnist", reference: str = TUNED_REFERENCE) -> str:
@@ -256,6 +256,7 @@ def main() -> None:
         main_job_previous=main_job_table("results/previous-sample/second-1120/main-job-rerun-2026-12-04"),
         paired=paired_table(),
         tuned=tuned_table(),
+        tuned_mouse_brain=tuned_table("results/tuned-mouse-brain-cpu", "mouse-brain"),
         mouse_brain=mouse_brain_table(),
         upper_bound=upper_bound_table(),
         sampled_fraction=report("results/sampled-fraction-qmnist", "bag_auc", "bag_accuracy", "dice",

@@ -104,7 +104,7 @@ def test_default_vote_samples_is_ceil_10n_over_s(n, p, expected_t):
 
 
 def test_vote_uses_default_t_and_is_deterministic():
-    model, cfg = build(seed=5)
+    model, cfg = build(seed=5, predict="vote")
     model.eval()
     bag = make_bag(30, "bag-a")
     method = SampledABMIL()
@@ -138,7 +138,7 @@ def test_vote_indices_depend_on_seed_and_bag():
 def test_vote_equals_running_abmil_on_each_sample():
     """Encoding the bag once and pooling each sample's rows gives the same votes
     as running the whole model on each sample (the encoder is per-instance)."""
-    model, cfg = build(seed=2, vote_samples=7)
+    model, cfg = build(seed=2, vote_samples=7, predict="vote")
     model.eval()
     bag = make_bag(25)
     method = SampledABMIL()
@@ -149,8 +149,11 @@ def test_vote_equals_running_abmil_on_each_sample():
     assert pred.extra["mean_sample_prob"] == pytest.approx(sum(probs) / len(probs), abs=1e-5)
 
 
-def test_full_predict_equals_abmil():
-    model, cfg = build(predict="full")
+def test_full_predict_is_the_default_and_equals_abmil():
+    """The default scores the whole bag with abmil's own prediction; the vote is the paper preset's."""
+    assert PARAMS["predict"].default == "full"
+    assert SampledABMIL.presets["paper"]["predict"] == "vote"
+    model, cfg = build()
     model.eval()
     bag = make_bag(17)
     with torch.no_grad():
@@ -182,5 +185,5 @@ def test_sampled_run_records_predict_mode(tmp_path, data_root):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (rec,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert rec["status"] == "ok"
-    assert rec["config"]["predict"] == "vote" and rec["config"]["sample_fraction"] == 0.3
+    assert rec["config"]["predict"] == "full" and rec["config"]["sample_fraction"] == 0.3
     assert rec["config"]["sample_replacement"] is True
