@@ -158,6 +158,41 @@ def _val_auc_at_best(rec: dict) -> float | None:
     return next((h.get("val_bag_auc") for h in rec.get("history") or [] if h.get("epoch") == best), None)
 
 
+def vote_vs_full_table(vote: str = "results/previous-method-version/sampled-vote/reference",
+                       full: str = "results/sampled-predict-full") -> str:
+    """sampled's two prediction rules on the same training, paired by dataset and seed: training
+    does not depend on ``predict`` (the same train losses epoch by epoch), so the rows differ only
+    in how a bag is scored, and through it in which epoch validation selects."""
+    def ok(folder: str) -> dict:
+        return {(r["dataset"], r["seed"]): r for r in _records(folder)
+                if r.get("status") == "ok" and not r.get("smoke") and r.get("method") == "sampled"}
+
+    v, f = ok(vote), ok(full)
+    keys = sorted(set(v) & set(f), key=lambda k: (k[0] != "qmnist", k))
+    if not keys:
+        return "(no paired records yet)\n"
+    lines = ["| dataset | seed | same train losses | vote: epoch kept, val AUC, test AUC, accuracy | "
+             "whole bag: epoch kept, val AUC, test AUC, accuracy |", "|---|---|---|---|---|"]
+
+    def cells(r: dict) -> str:
+        m = r.get("metrics") or {}
+        return (f"{r.get('best_epoch', '—')}, {_cell([_val_auc_at_best(r)])}, **{_cell([m.get('bag_auc')])}**, "
+                f"{_cell([m.get('bag_accuracy')])}")
+
+    for k in keys:
+        a, b = v[k], f[k]
+        la = [h.get("train_loss") for h in a.get("history") or []]
+        lb = [h.get("train_loss") for h in b.get("history") or []]
+        n = min(len(la), len(lb))
+        same = "yes" if n and la[:n] == lb[:n] else "no"
+        lines.append(f"| {k[0]} | {k[1]} | {same} ({n} epochs) | {cells(a)} | {cells(b)} |")
+    for d in sorted({k[0] for k in keys}, key=lambda d: (d != "qmnist", d)):
+        ks = [k for k in keys if k[0] == d]
+        lines.append(f"| {d} | mean ± std | | {_cell([v[k]['metrics'].get('bag_auc') for k in ks])} | "
+                     f"{_cell([f[k]['metrics'].get('bag_auc') for k in ks])} |")
+    return "\n".join(lines) + "\n"
+
+
 def upper_bound_table(folder: str = "results/mouse-brain-upper-bound") -> str:
     """mouse-brain: the instance-supervised upper bound and the band swap beside the reference MIL runs."""
     oracle_path = ROOT / folder / "oracle.json"
@@ -259,6 +294,7 @@ def main() -> None:
         tuned_mouse_brain=tuned_table("results/tuned-mouse-brain-cpu", "mouse-brain"),
         mouse_brain=mouse_brain_table(),
         upper_bound=upper_bound_table(),
+        vote_vs_full=vote_vs_full_table(),
         sampled_fraction=report("results/sampled-fraction-qmnist", "bag_auc", "bag_accuracy", "dice",
                                 "train_s_per_bag", "peak_mib"),
         sampled_fraction_imagenette=report("results/sampled-fraction-imagenette", "bag_auc", "bag_accuracy", "dice",
