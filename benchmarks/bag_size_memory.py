@@ -228,7 +228,8 @@ Reading the table:
   process (peak RSS minus model, gradients and Adam state, the issue's measure)
   grad-accum's peak is nearly flat.
 - **sampled** trains on ceil(0.3·N) instances, so its memory grows with 0.3·N;
-  its vote prediction encodes the bag in chunks of s instances.
+  to predict it encodes the bag in chunks of s instances (whole-bag prediction,
+  the default since 2026-12-04, and the paper's vote alike).
 - Times: fresh-process wall times on a shared 2-core machine vary by up to 2x
   between identical runs; the CPU-time table below is the steadier comparison.
 """
@@ -242,7 +243,7 @@ def write_readme(results: Path, args: argparse.Namespace) -> Path:
             "(one fresh `milbench run` per point; see the script's docstring for the accounting).\n",
             "Fixed config: " + ", ".join(f"{k}={v}" for k, v in FIXED.items())
             + f"; grad-accum chunk_size={METHOD_SET['grad-accum'].get('chunk_size')}; sampled defaults "
-            "(p=0.3 with replacement, vote over T=ceil(10N/s)); one torch thread; "
+            "(p=0.3 with replacement; predict=full since 2026-12-04, vote over T=ceil(10N/s) before); one torch thread; "
             f"--max-memory {args.max_memory or 'none'}.\n",
             "net method MiB = peak RSS - setup RSS - gradients - Adam state - one bag's instances.\n",
             table(results), READING]
