@@ -120,6 +120,11 @@ def _records(folder: str) -> list[dict]:
     return [json.loads(Path(f).read_text()) for f in sorted(glob.glob(str(ROOT / folder / "*.json")))]
 
 
+def _finished(folder: str) -> list[dict]:
+    """The records a results table counts: finished runs (status ok), smoke runs left out."""
+    return [r for r in _records(folder) if r.get("status") == "ok" and not r.get("smoke")]
+
+
 def _cpu_s(rec: dict) -> float | None:
     """Process CPU seconds of the whole child: every ``*_cpu_s`` phase (startup is wall only)."""
     t = rec.get("timing") or {}
@@ -164,8 +169,7 @@ def vote_vs_full_table(vote: str = "results/previous-method-version/sampled-vote
     does not depend on ``predict`` (the same train losses epoch by epoch), so the rows differ only
     in how a bag is scored, and through it in which epoch validation selects."""
     def ok(folder: str) -> dict:
-        return {(r["dataset"], r["seed"]): r for r in _records(folder)
-                if r.get("status") == "ok" and not r.get("smoke") and r.get("method") == "sampled"}
+        return {(r["dataset"], r["seed"]): r for r in _finished(folder) if r.get("method") == "sampled"}
 
     v, f = ok(vote), ok(full)
     keys = sorted(set(v) & set(f), key=lambda k: (k[0] != "qmnist", k))
@@ -201,7 +205,7 @@ def upper_bound_table(folder: str = "results/mouse-brain-upper-bound") -> str:
     reference = [("reference", r) for r in _records("results/reference")
                  if r.get("dataset") == "mouse-brain" and r.get("status") == "ok"
                  and r["method"] in ("abmil", "transcriptome-cnn")]
-    for where, r in reference + [(here, r) for r in _records(folder) if r.get("status") == "ok" and not r.get("smoke")]:
+    for where, r in reference + [(here, r) for r in _finished(folder)]:
         c = r.get("config") or {}
         train = "spot patches" if c.get("train_bags", "spots") == "spots" else "regions"
         label = f"{r['method']}, trained on {train}"
@@ -228,8 +232,8 @@ def upper_bound_table(folder: str = "results/mouse-brain-upper-bound") -> str:
 
 def paired_table() -> str:
     """grad-accum against abmil on the same seeds (same data, same init): test AUC and the difference."""
-    recs = [r for r in _records("results/reference") if r.get("status") == "ok" and not r.get("smoke")
-            and r["method"] in ("abmil", "grad-accum") and r.get("preset") == "default"]
+    recs = [r for r in _finished("results/reference")
+            if r["method"] in ("abmil", "grad-accum") and r.get("preset") == "default"]
     out = []
     for dataset in ("qmnist", "imagenette"):
         by = {(r["method"], r["seed"]): r["metrics"].get("bag_auc") for r in recs if r["dataset"] == dataset}
@@ -267,9 +271,8 @@ def tuned_table(folder: str = TUNED, dataset: str = "qmnist", reference: str = T
             presets[m] = json.loads(path.read_text())
     if not presets:
         return "(no tuned presets yet)\n"
-    runs = [r for r in _records(folder) if r.get("status") == "ok" and not r.get("smoke")]
-    default = [r for r in _records(reference) if r.get("status") == "ok" and not r.get("smoke")
-               and r.get("dataset") == dataset and r.get("preset") == "default"]
+    runs = _finished(folder)
+    default = [r for r in _finished(reference) if r.get("dataset") == dataset and r.get("preset") == "default"]
     lines = ["| method | trials | best trial's val AUC | tuned values | default test AUC (seeds 0–2) | "
              "tuned test AUC | tuned seeds |", "|---|---|---|---|---|---|---|"]
     for m, doc in presets.items():
