@@ -63,6 +63,8 @@ def test_tune_resumes_after_sigkill_without_losing_finished_trials(tmp_path, dat
     for number, params in kept.items():  # finished trials survived, unchanged
         assert study.trials[number].params == params
         assert study.trials[number].state.name == "COMPLETE"
+    # the resumed session drew new candidates, not the first session's again (a freshly seeded sampler would)
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 3
     # every completed trial is a normal run with its record; only the searched keys vary
     recs = {r["run_id"]: r for r in records_in(out)}
     for t in done:
@@ -121,3 +123,49 @@ def test_search_space_holds_protocol_learning_keys_minus_fixed_ones():
     assert {"lr", "weight_decay"} <= set(space)
     assert "epochs" not in space  # the budget is not a learning key: equal for every method
     assert "lr" not in search_space(PROTOCOL_PARAMS, fixed=["lr"])
+
+
+def _fake_batch(kill_at=None):
+    """A ``run_batch`` that scores each trial without a run (val AUC falls with distance from lr 1e-3);
+    with ``kill_at``, the process "dies" (KeyboardInterrupt) when that trial number is asked."""
+    import math
+
+    def run_batch(batch):
+        out = []
+        for number, params in batch:
+            if number == kill_at:
+                raise KeyboardInterrupt
+            auc = 1.0 - abs(math.log10(params["lr"]) + 3.0) / 10
+            out.append({"status": "ok", "run_id": f"r{number}", "history": [{"selected": True, "val_bag_auc": auc,
+                                                                           "val_loss": 1.0 - auc}]})
+        return out
+
+    return run_batch
+
+
+@pytest.mark.parametrize("kill_at", [2, 6])  # during the random start-up trials; during TPE's own trials
+def test_a_resumed_study_draws_the_candidates_an_uninterrupted_one_draws(tmp_path, kill_at):
+    """A seeded sampler restarts its random stream in every process: a resume must not draw the first
+    session's candidates again, and must retry the killed trial's candidate."""
+    import optuna
+
+    from milbench import tuning
+
+    space = {"lr": ("log", 1e-5, 1e-2), "weight_decay": ("log", 1e-5, 1e-1)}
+    whole = tuning.open_study(tmp_path / "whole", "s", seed=0)
+    tuning.run_tune(tuning.Candidates(whole, space, 0), 8, 1, _fake_batch())
+    expected = [t.params for t in _complete(whole)]
+
+    first = tuning.open_study(tmp_path / "cut", "s", seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.run_tune(tuning.Candidates(first, space, 0), 8, 1, _fake_batch(kill_at=kill_at))
+    again = tuning.open_study(tmp_path / "cut", "s", seed=0)  # a new process: a freshly seeded sampler
+    resumed = tuning.Candidates(again, space, 0)
+    assert resumed.stale == 1
+    tuning.run_tune(resumed, 8, 1, _fake_batch())
+    got = [t.params for t in _complete(again)]
+    assert len(got) == 8 and tuning.budget_used(again) == 8
+    assert got == expected
+    assert len({tuple(sorted(p.items())) for p in got}) == 8  # no candidate drawn twice
+    killed = again.trials[kill_at]
+    assert killed.state == optuna.trial.TrialState.FAIL and killed.params == expected[kill_at]

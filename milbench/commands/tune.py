@@ -75,7 +75,8 @@ def tune(method: str, dataset: str, trials: int, seed: int, parallel: int, execu
     preset_name = preset_name or f"tuned-{base.method}-{base.dataset}{'-smoke' if smoke else ''}"
     console = Console(stderr=True)
     study = tuning.open_study(out, study_name, seed)
-    stale = tuning.close_stale(study)
+    candidates = tuning.Candidates(study, space, seed)
+    stale = candidates.stale
     used = tuning.budget_used(study)
     console.print(f"milbench tune {study_name}: {base.method} on {base.dataset}, {trials} trials "
                   f"({used} done{f', {stale} interrupted rerun' if stale else ''}), searching "
@@ -115,7 +116,7 @@ def tune(method: str, dataset: str, trials: int, seed: int, parallel: int, execu
                       + f"  [{tuning.budget_used(study)}/{trials}]", highlight=False, soft_wrap=True)
 
     try:
-        tuning.run_tune(study, trials, parallel, space, run_batch, on_trial)
+        tuning.run_tune(candidates, trials, parallel, run_batch, on_trial)
     except KeyboardInterrupt:
         console.print("milbench: tune interrupted; rerun the same command to resume", highlight=False)
         raise SystemExit(130)
