@@ -275,10 +275,14 @@ def tuned_table(folder: str = TUNED, dataset: str = "qmnist", reference: str = T
     default = [r for r in _finished(reference) if r.get("dataset") == dataset and r.get("preset") == "default"]
     lines = ["| method | trials | best trial's val AUC | tuned values | default test AUC (seeds 0–2) | "
              "tuned test AUC | tuned seeds |", "|---|---|---|---|---|---|---|"]
-    for m, doc in presets.items():
+    for m in TUNED_METHODS:
+        base = [r["metrics"].get("bag_auc") for r in default if r["method"] == m and r["seed"] in (0, 1, 2)]
+        if m not in presets:  # not tuned on this dataset: say so rather than leave the row out
+            lines.append(f"| {m} | not tuned | — | — | {_cell(base)} | — | — |")
+            continue
+        doc = presets[m]
         t = doc.get("tuned") or {}
         tuned = sorted((r for r in runs if r["method"] == m and r.get("preset") == doc["name"]), key=lambda r: r["seed"])
-        base = [r["metrics"].get("bag_auc") for r in default if r["method"] == m and r["seed"] in (0, 1, 2)]
         vals = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in doc["values"].items())
         lines.append(f"| {m} | {t.get('trials', '—')} | {_cell([t.get('best_value')])} | {vals} | {_cell(base)} | "
                      f"{_cell([r['metrics'].get('bag_auc') for r in tuned])} | "
@@ -295,6 +299,7 @@ def main() -> None:
         paired=paired_table(),
         tuned=tuned_table(),
         tuned_mouse_brain=tuned_table("results/tuned-mouse-brain-cpu", "mouse-brain"),
+        tuned_imagenette=tuned_table("results/tuned-imagenette-cpu", "imagenette"),
         mouse_brain=mouse_brain_table(),
         upper_bound=upper_bound_table(),
         vote_vs_full=vote_vs_full_table(),
