@@ -20,7 +20,7 @@ if [[ "$what" == sweeps || "$what" == all ]]; then
     --results results/sampled-fraction-imagenette
   # equal-budget tuning: 4 trials per method on validation (seed 0, so every method gets the same candidates),
   # then the tuned preset on 3 seeds, on every dataset (transcriptome-cnn on Imagenette alone is about
-  # 7 CPU hours: 4 trials and 3 seeds at 40-60 minutes a run)
+  # 4-5 CPU hours: 4 trials and 3 seeds at 33-40 CPU minutes a run)
   # (earlier tunings, under earlier qmnist settings, are under results/previous-protocol/)
   for d in qmnist mouse-brain imagenette; do
     for m in sampled streamingclam abmil grad-accum transcriptome-cnn; do
