@@ -227,7 +227,7 @@ def budget_used(study: Any) -> int:
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.COMPLETE:
             done += 1
-        elif t.state == optuna.trial.TrialState.FAIL and "status" in t.user_attrs:
+        elif t.state == optuna.trial.TrialState.FAIL and not _killed(t):
             done += 1
     return done
 
