@@ -144,18 +144,14 @@ class Candidates:
         self.twin = optuna.create_study(direction="maximize", sampler=_sampler(seed))
         self._pending: dict[int, Any] = {}  # real retry trial number -> the twin's trial waiting for it
         trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-        retries: dict[int, list[Any]] = {}
-        for t in trials:
-            if RETRY_OF in t.user_attrs:
-                retries.setdefault(int(t.user_attrs[RETRY_OF]), []).append(t)
+        # a killed trial's outcome is its last retry's (trials are in number order, so the last one wins)
+        last_retry = {int(t.user_attrs[RETRY_OF]): t for t in trials if RETRY_OF in t.user_attrs}
         for t in trials:
             if RETRY_OF in t.user_attrs or t.state == optuna.trial.TrialState.WAITING:
                 continue
             shadow = self.twin.ask()
             suggest(shadow, self.space)
-            outcome = t
-            if _killed(t):  # its outcome is its last retry's, if that one ran
-                outcome = (retries.get(t.number) or [t])[-1]
+            outcome = last_retry.get(t.number, t)
             if outcome.state == optuna.trial.TrialState.WAITING:
                 self._pending[outcome.number] = shadow
             elif _killed(outcome):
@@ -209,7 +205,7 @@ def _tell(study: Any, trial: Any, value: float | None) -> None:
 def close_stale(study: Any) -> int:
     """Fail the trials a killed tune left RUNNING; return how many. They never
     got a ``status`` attribute (set only when a trial's record came back), which
-    is how :func:`budget_used` tells them from genuine failures."""
+    is how :func:`_killed` (and so :func:`budget_used`) tells them from genuine failures."""
     import optuna
 
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))

@@ -143,8 +143,9 @@ def _fake_batch(kill_at=None):
     return run_batch
 
 
-@pytest.mark.parametrize("kill_at", [2, 6])  # during the random start-up trials; during TPE's own trials
-def test_a_resumed_study_draws_the_candidates_an_uninterrupted_one_draws(tmp_path, kill_at):
+# killed during the random start-up trials; during TPE's own trials; killed, then its retry (trial 3) killed too
+@pytest.mark.parametrize("kills", [[2], [6], [2, 3]])
+def test_a_resumed_study_draws_the_candidates_an_uninterrupted_one_draws(tmp_path, kills):
     """A seeded sampler restarts its random stream in every process: a resume must not draw the first
     session's candidates again, and must retry the killed trial's candidate."""
     import optuna
@@ -156,10 +157,11 @@ def test_a_resumed_study_draws_the_candidates_an_uninterrupted_one_draws(tmp_pat
     tuning.run_tune(tuning.Candidates(whole, space, 0), 8, 1, _fake_batch())
     expected = [t.params for t in _complete(whole)]
 
-    first = tuning.open_study(tmp_path / "cut", "s", seed=0)
-    with pytest.raises(KeyboardInterrupt):
-        tuning.run_tune(tuning.Candidates(first, space, 0), 8, 1, _fake_batch(kill_at=kill_at))
-    again = tuning.open_study(tmp_path / "cut", "s", seed=0)  # a new process: a freshly seeded sampler
+    for kill_at in kills:  # every session is a new process: a freshly seeded sampler
+        cut = tuning.open_study(tmp_path / "cut", "s", seed=0)
+        with pytest.raises(KeyboardInterrupt):
+            tuning.run_tune(tuning.Candidates(cut, space, 0), 8, 1, _fake_batch(kill_at=kill_at))
+    again = tuning.open_study(tmp_path / "cut", "s", seed=0)
     resumed = tuning.Candidates(again, space, 0)
     assert resumed.stale == 1
     tuning.run_tune(resumed, 8, 1, _fake_batch())
@@ -167,5 +169,5 @@ def test_a_resumed_study_draws_the_candidates_an_uninterrupted_one_draws(tmp_pat
     assert len(got) == 8 and tuning.budget_used(again) == 8
     assert got == expected
     assert len({tuple(sorted(p.items())) for p in got}) == 8  # no candidate drawn twice
-    killed = again.trials[kill_at]
-    assert killed.state == optuna.trial.TrialState.FAIL and killed.params == expected[kill_at]
+    killed = again.trials[kills[0]]
+    assert killed.state == optuna.trial.TrialState.FAIL and killed.params == expected[kills[0]]
