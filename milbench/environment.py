@@ -78,14 +78,31 @@ def torch_environment(device: Any) -> dict[str, Any]:
     return env
 
 
-def git_state() -> dict[str, Any]:
-    """Commit and dirtiness of the milbench source tree, or nulls when not a checkout."""
-    src = Path(milbench.__file__).resolve().parent.parent
+CODE_PATHS = ("milbench", "plugins", "pyproject.toml")
+"""What a run executes, relative to the checkout: the harness, the built-in
+plugins and the entry points that register them. ``git.dirty`` looks at these
+only, because the results folder is tracked too and a tuning study's SQLite
+file changes before every trial: counting it marked every tuned record dirty
+although no code differed from the commit."""
+
+
+def git_state(src: Path | None = None) -> dict[str, Any]:
+    """Commit of the milbench checkout, and whether its code (:data:`CODE_PATHS`)
+    differs from that commit; nulls when milbench is not run from a checkout.
+
+    ``src`` is the checkout's root (default: the one milbench is imported from).
+    """
+    src = src or Path(milbench.__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=5)
         if commit.returncode != 0:
             return {"commit": None, "dirty": None}
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no",
+                                "--", *CODE_PATHS], capture_output=True, text=True, timeout=5)
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
         dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5)
         return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}

@@ -54,6 +54,37 @@ def test_log_is_named_relative_to_the_results_folder(smoke_record):
     assert rec["log"] == f"logs/{rec['run_id']}.log" and (out / rec["log"]).stat().st_size > 0
 
 
+def test_git_dirty_means_the_code_differs_not_the_results(tmp_path):
+    """A tuned record was marked dirty because its study's SQLite file (tracked
+    under results/) changes before every trial; only code makes a record dirty."""
+    import subprocess
+
+    from milbench.environment import git_state
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    for rel in ("milbench/core.py", "plugins/p.py", "results/study.db", "README.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("0")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "results/study.db").write_text("1")
+    (tmp_path / "README.md").write_text("1")
+    (tmp_path / "results/new.json").write_text("{}")
+    state = git_state(tmp_path)
+    assert state["dirty"] is False and len(state["commit"]) == 40
+    for rel in ("plugins/p.py", "milbench/core.py"):
+        (tmp_path / rel).write_text("1")
+        assert git_state(tmp_path)["dirty"] is True, rel
+        git("checkout", "--", rel)
+    assert git_state(tmp_path)["dirty"] is False
+    assert git_state(tmp_path.parent / "not-a-checkout-here") == {"commit": None, "dirty": None}
+
+
 def test_no_temp_files_left(smoke_record):
     _, out, _ = smoke_record
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
