@@ -115,6 +115,17 @@ def test_a_tuned_preset_refuses_another_method(tmp_path):
     assert res.returncode == 2 and "mine" in res.stderr  # the valid names include saved presets
 
 
+def test_parallel_trials_need_an_executor_that_runs_them_side_by_side(tmp_path):
+    """The local executor runs one trial at a time: --parallel 2 there would ask two
+    candidates at once and run them one after the other, which is no faster and draws
+    worse than asking one by one. Refused before a study is opened."""
+    res = run_cli("tune", "-m", "abmil", "-d", "qmnist", "--smoke", "--trials", "2", "--parallel", "2",
+                  "--results", str(tmp_path), env=ENV)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--executor ray" in res.stderr and "local runs one at a time" in res.stderr
+    assert not (tmp_path / "tune").exists()
+
+
 def test_search_space_holds_protocol_learning_keys_minus_fixed_ones():
     from milbench.protocol import PROTOCOL_PARAMS
     from milbench.tuning import search_space

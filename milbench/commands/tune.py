@@ -15,7 +15,8 @@ from milbench.errors import MilbenchError
               help="trials that count against the budget (use the same number for every method)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of every trial's run and of the sampler")
 @click.option("--parallel", type=int, default=1, show_default=True,
-              help="trials asked at once and run side by side by the executor")
+              help="trials asked at once and run side by side (with --executor ray or slurm; "
+                   "local runs one trial at a time)")
 @click.option("--executor", type=click.Choice(["local", "slurm", "ray"]), default="local", show_default=True,
               help="where trials run (as `milbench sweep`)")
 @click.option("--study", "study_name", default=None,
@@ -60,6 +61,9 @@ def tune(method: str, dataset: str, trials: int, seed: int, parallel: int, execu
         raise MilbenchError(f"bad --trials {trials}: must be >= 1")
     if parallel < 1:
         raise MilbenchError(f"bad --parallel {parallel}: must be >= 1")
+    if parallel > 1 and executor == "local":  # it would ask N candidates at once, then run them one by one
+        raise MilbenchError(f"--parallel {parallel} needs an executor that runs trials side by side: "
+                            "--executor ray (this machine's cores, or a cluster) or slurm; local runs one at a time")
     registry = get_registry()
     out = results_dir(results)
     ensure_writable(out)
