@@ -98,10 +98,10 @@ class _ScriptedMethod(Method):
     def backward(self, model, bag, config):
         loss = (model.w - float(self.epoch)) ** 2  # pulls w towards the epoch number
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     def predict(self, model, bag, config):
-        self.weights_at_end_of[self.epoch] = float(model.w)
+        self.weights_at_end_of[self.epoch] = float(model.w.detach())
         q = self.quality[self.epoch]
         return Prediction(bag_prob=q if bag.label else 1 - q)
 
@@ -125,8 +125,8 @@ def test_early_stopping_stops_and_restores_the_best_checkpoint():
     assert out["best_epoch"] == 2
     assert out["stopped_early"] and len(out["history"]) == 5  # epochs 3, 4, 5 did not beat epoch 2
     assert [h["selected"] for h in out["history"]] == [True, True, False, False, False]
-    assert float(model.w) == pytest.approx(method.weights_at_end_of[2])
-    assert float(model.w) != pytest.approx(method.weights_at_end_of[5])
+    assert float(model.w.detach()) == pytest.approx(method.weights_at_end_of[2])
+    assert float(model.w.detach()) != pytest.approx(method.weights_at_end_of[5])
 
 
 def test_gradient_clipping_bounds_the_step_norm():
